@@ -1,0 +1,29 @@
+# Fresh machine: `make bench` (parity verdict + speed table) or `make test`.
+# Each target installs what it needs first (see `setup`).
+PYTHON ?= python
+# The torch to install when none is present; keep the one you have otherwise.
+TORCH_SPEC ?= torch==2.13.0
+BENCH_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup bench test cuda-compile clean
+
+setup:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
+	@$(PYTHON) -c "import ninja, pytest, hypothesis, expecttest" 2>/dev/null || \
+		$(PYTHON) -m pip install ninja pytest hypothesis expecttest numpy
+	# --no-build-isolation: build against the torch installed above, never a
+	# freshly downloaded one (see README, "Building").
+	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+
+bench: setup
+	$(PYTHON) -m benchmarks $(BENCH_ARGS)
+
+test: setup
+	$(PYTHON) -m pytest tests -ra $(PYTEST_ARGS)
+
+cuda-compile:
+	bash .ci/compile_cuda.sh
+
+clean:
+	rm -rf build *.egg-info torch_fastaccum/_C*.so bench_out

@@ -1,0 +1,1 @@
+"""Parity and speed benchmarks of torch_fastaccum against PyTorch (python -m benchmarks)."""

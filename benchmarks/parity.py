@@ -1,0 +1,85 @@
+"""Parity: the same CNN trained from one seed by the reference PyTorch loop
+(torch.optim.SGD + torch.amp.GradScaler, loss / K, step every K) and by
+AccumOptimizer + torch_fastaccum.GradScaler, with injected overflows."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from torch_fastaccum import AccumOptimizer, GradScaler
+
+from .models import Net, synthetic_batches
+
+
+def run_parity(updates: int, k: int, overflow_at: list[int], device: str, progress=None) -> dict:
+    torch.manual_seed(0)
+    ref_model = Net().to(device)
+    our_model = copy.deepcopy(ref_model)
+    hyper = dict(lr=0.02, momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=True)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), **hyper)
+    our_opt = AccumOptimizer(our_model.parameters(), accumulation_steps=k, **hyper)
+    scaler_kw = dict(init_scale=2.0**12, growth_interval=20)
+    ref_scaler = torch.amp.GradScaler(device, **scaler_kw)
+    our_scaler = GradScaler(device, **scaler_kw)
+    loss_fn = nn.CrossEntropyLoss()
+    data = synthetic_batches(updates * k, 16, seed=1)
+    overflow = set(overflow_at)
+    rec = {"ref_loss": [], "our_loss": [], "ref_skipped": [], "our_skipped": [], "ref_scale": [], "our_scale": []}
+    window_ref, window_our = 0.0, 0.0
+    for i, (x, y) in enumerate(data):
+        x, y = x.to(device), y.to(device)
+        boom = float("inf") if i in overflow else 1.0
+        # Reference: loss / K, step and update at the window's end.
+        ref_loss = loss_fn(ref_model(x), y)
+        ref_scaler.scale(ref_loss * boom / k).backward()
+        # Ours: the same micro-batch, every call on every micro-batch.
+        boundary = our_opt.is_accumulation_boundary
+        our_before = our_scaler.get_scale()
+        our_opt.zero_grad()
+        our_loss = loss_fn(our_model(x), y)
+        our_scaler.scale(our_loss * boom).backward()
+        our_scaler.step(our_opt)
+        our_scaler.update()
+        window_ref += ref_loss.item() / k
+        window_our += our_loss.item() / k
+        if (i + 1) % k == 0:
+            before = ref_scaler.get_scale()
+            ref_scaler.step(ref_opt)
+            ref_scaler.update()
+            ref_opt.zero_grad()
+            rec["ref_skipped"].append(ref_scaler.get_scale() < before)
+            rec["ref_scale"].append(ref_scaler.get_scale())
+            rec["our_scale"].append(our_scaler.get_scale())
+            assert boundary, "AccumOptimizer's window disagrees with the reference loop"
+            rec["our_skipped"].append(our_scaler.get_scale() < our_before)
+            rec["ref_loss"].append(window_ref)
+            rec["our_loss"].append(window_our)
+            window_ref = window_our = 0.0
+            if progress:
+                progress(len(rec["ref_loss"]), updates)
+    max_diff = max((a - b).abs().max().item() for a, b in zip(ref_model.parameters(), our_model.parameters()))
+    max_abs = max(a.abs().max().item() for a in ref_model.parameters())
+    loss_diff = max(abs(a - b) for a, b in zip(rec["ref_loss"], rec["our_loss"]))
+    return {
+        "updates": updates,
+        "accumulation_steps": k,
+        "micro_batches": len(data),
+        "overflow_micro_batches": sorted(overflow),
+        "max_param_abs_diff": max_diff,
+        "max_param_abs": max_abs,
+        "skips_identical": rec["ref_skipped"] == rec["our_skipped"],
+        "skipped_windows": sum(rec["ref_skipped"]),
+        "scale_history_identical": rec["ref_scale"] == rec["our_scale"],
+        "final_scale": rec["our_scale"][-1],
+        "max_loss_curve_diff": loss_diff,
+        "ref_loss": rec["ref_loss"],
+        "our_loss": rec["our_loss"],
+        "pass": (
+            rec["ref_skipped"] == rec["our_skipped"]
+            and rec["ref_scale"] == rec["our_scale"]
+            and max_diff <= 1e-6 + 1e-5 * max_abs
+        ),
+    }

@@ -1,0 +1,119 @@
+"""Speed: one optimizer step with a scaler (scaler.step(opt); scaler.update()),
+torch SGD default (foreach) / fused=True + torch.amp.GradScaler against
+AccumOptimizer + torch_fastaccum.GradScaler, timed round-robin in one run."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from torch_fastaccum import AccumOptimizer, GradScaler
+
+PATHS = ("torch_default", "torch_fused", "fastaccum")
+
+
+def _make(path: str, sizes: list[int], dtype, device: str, seed: int):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for n in sizes:
+        p = torch.nn.Parameter(torch.randn(n, generator=g).to(device=device, dtype=dtype))
+        p.grad = torch.randn(n, generator=g).to(device=device, dtype=dtype)
+        params.append(p)
+    hyper = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    if path == "fastaccum":
+        opt = AccumOptimizer(params, **hyper)
+        scaler = GradScaler(device, init_scale=1.0)
+    else:
+        opt = torch.optim.SGD(params, fused=(path == "torch_fused"), **hyper)
+        scaler = torch.amp.GradScaler(device, init_scale=1.0)
+    scaler.scale(torch.ones((), device=device))  # initialises the scale tensor
+    return opt, scaler
+
+
+def _timer(device: str):
+    if device == "cuda":
+        def run(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+    else:
+        def run(fn):
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+    return run
+
+
+def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, warmup: int = 3) -> dict:
+    """Median step time of every path, measured interleaved so drift hits all alike."""
+    setups = {p: _make(p, sizes, dtype, device, seed=7) for p in PATHS}
+    timer = _timer(device)
+    samples = {p: [] for p in PATHS}
+    for r in range(warmup + repeats):
+        for p in PATHS:
+            opt, scaler = setups[p]
+
+            def step(opt=opt, scaler=scaler):
+                scaler.step(opt)
+                scaler.update()
+
+            t = timer(step)
+            if r >= warmup:
+                samples[p].append(t)
+    numel = sum(sizes)
+    elem = torch.empty((), dtype=dtype).element_size()
+    # Minimum traffic: grad read twice (check + update), param and momentum
+    # read and written: 6 accesses of one element each (24 B at fp32).
+    min_bytes = 6 * elem * numel
+    out = {"case": name, "tensors": len(sizes), "numel": numel, "dtype": str(dtype).replace("torch.", ""),
+           "min_bytes": min_bytes, "paths": {}}
+    for p in PATHS:
+        med = statistics.median(samples[p])
+        out["paths"][p] = {"ms": med * 1e3, "gbps": min_bytes / med / 1e9,
+                           "min_ms": min(samples[p]) * 1e3, "samples": len(samples[p])}
+    ours = out["paths"]["fastaccum"]["ms"]
+    out["speedup_vs_torch_default"] = out["paths"]["torch_default"]["ms"] / ours
+    out["speedup_vs_torch_fused"] = out["paths"]["torch_fused"]["ms"] / ours
+    del setups
+    return out
+
+
+def copy_bandwidth(device: str, numel: int, repeats: int = 10) -> float:
+    """Measured copy bandwidth (read + write bytes / s) on this device."""
+    a = torch.randn(numel, device=device)
+    b = torch.empty_like(a)
+    timer = _timer(device)
+    for _ in range(2):
+        timer(lambda: b.copy_(a))
+    t = statistics.median(timer(lambda: b.copy_(a)) for _ in range(repeats))
+    return 2 * a.numel() * a.element_size() / t / 1e9
+
+
+def cases(device: str, quick: bool):
+    """(name, sizes, dtype) of the benchmark cases for a device."""
+    def split(total, n):
+        return [total // n] * n
+    if device == "cuda":
+        return [
+            ("100M fp32 / 200 tensors", split(100_000_000, 200), torch.float32),
+            ("ResNet-18-like 11.7M / 62 tensors", split(11_700_000, 62), torch.float32),
+            ("10,000 x 1,000 fp32", split(10_000_000, 10_000), torch.float32),
+            ("100M bf16 / 200 tensors", split(100_000_000, 200), torch.bfloat16),
+        ]
+    if quick:
+        return [
+            ("small 100K / 20 tensors", split(100_000, 20), torch.float32),
+            ("10M fp32 / 160 tensors", split(10_000_000, 160), torch.float32),
+        ]
+    return [
+        ("small 100K / 20 tensors", split(100_000, 20), torch.float32),
+        ("ResNet-18-like 11.7M / 62 tensors", split(11_700_000, 62), torch.float32),
+        ("10M fp32 / 160 tensors", split(10_000_000, 160), torch.float32),
+        ("10M bf16 / 160 tensors", split(10_000_000, 160), torch.bfloat16),
+        ("1,000 x 1,000 fp32", split(1_000_000, 1_000), torch.float32),
+    ]

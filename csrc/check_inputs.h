@@ -1,0 +1,79 @@
+// Argument checks shared by the CPU and CUDA impls. Python validates user
+// input first with friendlier messages; these guard the op boundary itself
+// (direct torch.ops calls, opcheck).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace fastaccum {
+
+// Two dense tensors of one shape lay their elements out in the same order
+// when their strides agree on every dimension of size > 1.
+inline bool same_memory_order(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
+// Every tensor of `list` shares the device and dtype of `ref`, and is dense
+// and non-overlapping with the strides of `ref`, so the kernels may walk its
+// storage as one flat span of numel() elements.
+inline void check_like(at::TensorList refs, at::TensorList list,
+                       const char* name) {
+  TORCH_CHECK(list.size() == refs.size(), name, " has ", list.size(),
+              " tensors but params has ", refs.size());
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::Tensor& t = list[i];
+    const at::Tensor& r = refs[i];
+    TORCH_CHECK(t.device() == r.device(), name, "[", i, "] is on ", t.device(),
+                " but its param is on ", r.device());
+    TORCH_CHECK(t.scalar_type() == r.scalar_type(), name, "[", i, "] has dtype ",
+                t.scalar_type(), " but its param has ", r.scalar_type());
+    TORCH_CHECK(t.sizes() == r.sizes(), name, "[", i, "] has shape ", t.sizes(),
+                " but its param has ", r.sizes());
+    TORCH_CHECK(t.layout() == at::kStrided, name, "[", i, "] must be dense");
+    TORCH_CHECK(same_memory_order(t, r), name, "[", i, "] has strides ",
+                t.strides(), " but its param has ", r.strides());
+  }
+}
+
+// One device and one dtype for the whole list, every tensor a dense span.
+inline void check_uniform(at::TensorList list, const char* name) {
+  if (list.empty()) return;
+  const auto device = list[0].device();
+  const auto dtype = list[0].scalar_type();
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::Tensor& t = list[i];
+    TORCH_CHECK(t.device() == device, name, "[", i, "] is on ", t.device(),
+                " but ", name, "[0] is on ", device);
+    TORCH_CHECK(t.scalar_type() == dtype, name, "[", i, "] has dtype ",
+                t.scalar_type(), " but ", name, "[0] has ", dtype);
+    TORCH_CHECK(t.layout() == at::kStrided, name, "[", i, "] must be dense");
+    TORCH_CHECK(t.is_non_overlapping_and_dense(), name, "[", i,
+                "] must be non-overlapping and dense");
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, "[", i,
+                "] must be floating point, got ", t.scalar_type());
+  }
+}
+
+inline void check_scalar_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.numel() == 1, name, " must have one element, got ", t.numel());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ",
+              t.scalar_type());
+}
+
+// Index of a storage dtype in the CPU kernel table (csrc/cpu/kernels.h order).
+inline int dtype_index(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return 0;
+    case at::kDouble: return 1;
+    case at::kHalf: return 2;
+    case at::kBFloat16: return 3;
+    default:
+      TORCH_CHECK(false, "fastaccum kernels support float32, float64, float16 "
+                  "and bfloat16, got ", t);
+  }
+}
+
+}  // namespace fastaccum

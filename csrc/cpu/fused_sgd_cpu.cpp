@@ -1,0 +1,90 @@
+// CPU impl of fastaccum::fused_sgd_: unscale x 1/K, maximize, weight decay,
+// momentum (first real update included), dampening, nesterov and the lr step
+// in one pass over params/grads/buffers, parallel across the whole list.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../check_inputs.h"
+#include "../multi_tensor_chunks.h"
+#include "kernels.h"
+
+namespace fastaccum::cpu {
+namespace {
+
+void fused_sgd_cpu(at::TensorList params, at::TensorList grads,
+                   at::TensorList momentum_buffers, at::TensorList steps,
+                   double lr, const c10::optional<at::Tensor>& lr_tensor,
+                   double weight_decay, double momentum, double dampening,
+                   bool nesterov, bool maximize, double grad_factor,
+                   const c10::optional<at::Tensor>& grad_scale,
+                   const c10::optional<at::Tensor>& found_inf) {
+  check_uniform(params, "params");
+  check_like(params, grads, "grads");
+  const bool has_momentum = momentum != 0.0;
+  if (has_momentum) {
+    check_like(params, momentum_buffers, "momentum_buffers");
+    TORCH_CHECK(steps.size() == params.size(), "steps has ", steps.size(),
+                " tensors but params has ", params.size());
+    for (const auto& s : steps) {
+      check_scalar_f32(s, "steps[i]");
+      TORCH_CHECK(s.device().is_cpu(), "steps must be on the CPU");
+    }
+  } else {
+    TORCH_CHECK(momentum_buffers.empty() && steps.empty(),
+                "momentum_buffers and steps must be empty when momentum == 0");
+  }
+  if (found_inf) {
+    check_scalar_f32(*found_inf, "found_inf");
+    // Host read: free on the CPU, and the contract of a skipped step.
+    if (found_inf->item<float>() != 0.f) return;
+  }
+  if (params.empty()) return;
+
+  double lr_value = lr;
+  if (lr_tensor) {
+    TORCH_CHECK(lr_tensor->numel() == 1, "lr_tensor must have one element");
+    lr_value = lr_tensor->item<double>();
+  }
+  double grad_mul = grad_factor;
+  if (grad_scale) {
+    check_scalar_f32(*grad_scale, "grad_scale");
+    // float(1/double(scale)) is torch's GradScaler.unscale_ reciprocal.
+    grad_mul *= static_cast<double>(
+        static_cast<float>(1.0 / grad_scale->item<double>()));
+  }
+  const SgdArgs args{lr_value, weight_decay, momentum, 1.0 - dampening,
+                     grad_mul, nesterov,     maximize, has_momentum,
+                     grad_mul != 1.0};
+
+  // Raw pointer reads/writes of the step counters: an op per tensor would
+  // cost microseconds each.
+  const size_t n = params.size();
+  std::vector<char> first(n, 0);
+  for (size_t i = 0; i < steps.size(); ++i)
+    first[i] = *steps[i].const_data_ptr<float>() == 0.f;
+
+  const auto kernel = kernels().sgd[dtype_index(params[0].scalar_type())];
+  const int64_t elem = params[0].element_size();
+  std::vector<char*> pp(n), bp(n, nullptr);
+  std::vector<const char*> gp(n);
+  for (size_t t = 0; t < n; ++t) {
+    pp[t] = static_cast<char*>(params[t].data_ptr());
+    gp[t] = static_cast<const char*>(grads[t].const_data_ptr());
+    if (has_momentum) bp[t] = static_cast<char*>(momentum_buffers[t].data_ptr());
+  }
+  parallel_chunks(make_chunks(params), [&](int64_t, const Chunk& c) {
+    const auto t = c.tensor;
+    const int64_t off = c.begin * elem;
+    kernel(pp[t] + off, gp[t] + off, has_momentum ? bp[t] + off : nullptr,
+           c.end - c.begin, first[t] != 0, args);
+  });
+  for (const auto& s : steps) *s.data_ptr<float>() += 1.f;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastaccum, CPU, m) { m.impl("fused_sgd_", &fused_sgd_cpu); }
+
+}  // namespace fastaccum::cpu

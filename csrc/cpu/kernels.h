@@ -1,0 +1,44 @@
+// The CPU kernel table: the chunk kernels of every op, compiled once per CPU
+// capability (kernels_default.cpp, kernels_avx2.cpp) and picked at run time,
+// as torch's DispatchStub does. The ops (csrc/cpu/*_cpu.cpp) stay baseline C++
+// and only call through this table.
+#pragma once
+
+#include <cstdint>
+
+namespace fastaccum::cpu {
+
+// Result of one chunk of a check pass.
+struct ChunkResult {
+  bool nonfinite = false;
+  double sumsq = 0.0;
+};
+
+// Hyper-parameters of a fused SGD call in double; each kernel converts them
+// to its math type once.
+struct SgdArgs {
+  double lr, weight_decay, momentum, one_minus_dampening, grad_mul;
+  bool nesterov, maximize, has_momentum, scale_grad;
+};
+
+// Storage dtypes, in table order.
+enum DtypeIndex { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3, kNumDtypes = 4 };
+
+struct KernelTable {
+  const char* name;
+  // Flags/sums n elements of g; with `write`, first multiplies them by `mul`.
+  ChunkResult (*check[kNumDtypes])(void* g, int64_t n, double mul, bool write,
+                                   bool want_sumsq);
+  // One fused SGD update of n elements; b may be null without momentum.
+  void (*sgd[kNumDtypes])(void* p, const void* g, void* b, int64_t n,
+                          bool first, const SgdArgs& a);
+};
+
+const KernelTable& default_kernels();
+const KernelTable* avx2_kernels();  // null where not compiled (non-x86)
+
+// The best table this CPU runs, or the one FASTACCUM_CPU_CAPABILITY names
+// ("default" or "avx2"), chosen once per process.
+const KernelTable& kernels();
+
+}  // namespace fastaccum::cpu

@@ -1,0 +1,159 @@
+// Chunk kernels, included once per CPU capability. The including file sets
+// CPU_CAPABILITY (and the target ISA) before including this, so everything
+// below lands in fastaccum::cpu::<CPU_CAPABILITY> and at::vec::<CPU_CAPABILITY>
+// and no symbol is shared between capability builds.
+//
+// NOTE: [capability builds]
+// Include only baseline-safe headers before the target pragma of the
+// including file: ATen's vec headers must be seen first under that pragma, or
+// their include guards would freeze the generic (slow) Vectorized in place.
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <type_traits>
+
+#include "../sgd_math.h"
+#include "kernels.h"
+
+namespace fastaccum::cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+template <typename scalar_t>
+constexpr bool is_reduced_v = std::is_same_v<scalar_t, c10::Half> ||
+                              std::is_same_v<scalar_t, c10::BFloat16>;
+
+template <typename scalar_t>
+using opmath_t = std::conditional_t<is_reduced_v<scalar_t>, float, scalar_t>;
+
+// One SIMD tile in the math type: float/double as stored, half/bfloat16
+// widened to two float vectors (float32 math for half types).
+template <typename scalar_t>
+struct Tile {
+  using Vec = at::vec::Vectorized<opmath_t<scalar_t>>;
+  static constexpr int64_t size() {
+    return at::vec::Vectorized<scalar_t>::size();
+  }
+  static constexpr int kParts = is_reduced_v<scalar_t> ? 2 : 1;
+  Vec v[kParts];
+
+  static Tile load(const scalar_t* p) {
+    Tile t;
+    if constexpr (is_reduced_v<scalar_t>) {
+      auto w = at::vec::convert_to_float<scalar_t>(
+          at::vec::Vectorized<scalar_t>::loadu(p));
+      t.v[0] = std::get<0>(w);
+      t.v[1] = std::get<1>(w);
+    } else {
+      t.v[0] = Vec::loadu(p);
+    }
+    return t;
+  }
+  void store(scalar_t* p) const {
+    if constexpr (is_reduced_v<scalar_t>) {
+      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
+    } else {
+      v[0].store(p);
+    }
+  }
+};
+
+// Probe and squares accumulate lane-wise and reduce once per chunk; the
+// multiply (unscale) happens before both, as torch checks unscaled values.
+template <typename scalar_t>
+ChunkResult check_chunk(void* data, int64_t n, double mul_d, bool write,
+                        bool want_sumsq) {
+  using T = Tile<scalar_t>;
+  using Vec = typename T::Vec;
+  using op_t = opmath_t<scalar_t>;
+  auto* g = static_cast<scalar_t*>(data);
+  const op_t mul = static_cast<op_t>(mul_d);
+  Vec probe(op_t(0)), sq(op_t(0));
+  int64_t i = 0;
+  for (; i + T::size() <= n; i += T::size()) {
+    T t = T::load(g + i);
+    for (int k = 0; k < T::kParts; ++k) {
+      if (write) t.v[k] = t.v[k] * Vec(mul);
+      probe = probe + nonfinite_probe(t.v[k]);
+      if (want_sumsq) sq = sq + t.v[k] * t.v[k];
+    }
+    if (write) t.store(g + i);
+  }
+  ChunkResult r;
+  op_t lanes[Vec::size()];
+  probe.store(lanes);
+  op_t probe_s = op_t(0);
+  for (int k = 0; k < Vec::size(); ++k) probe_s += lanes[k];
+  sq.store(lanes);
+  for (int k = 0; k < Vec::size(); ++k) r.sumsq += static_cast<double>(lanes[k]);
+  for (; i < n; ++i) {
+    op_t x = static_cast<op_t>(g[i]);
+    if (write) {
+      x = x * mul;
+      g[i] = static_cast<scalar_t>(x);
+    }
+    probe_s += nonfinite_probe(x);
+    if (want_sumsq) r.sumsq += static_cast<double>(x) * static_cast<double>(x);
+  }
+  r.nonfinite = std::isnan(static_cast<double>(probe_s));
+  return r;
+}
+
+template <typename scalar_t>
+void sgd_chunk(void* p_, const void* g_, void* b_, int64_t n, bool first,
+               const SgdArgs& a) {
+  using T = Tile<scalar_t>;
+  using Vec = typename T::Vec;
+  using op_t = opmath_t<scalar_t>;
+  auto* p = static_cast<scalar_t*>(p_);
+  const auto* g = static_cast<const scalar_t*>(g_);
+  auto* b = static_cast<scalar_t*>(b_);
+  const SgdHyper<op_t> h{static_cast<op_t>(a.lr),
+                         static_cast<op_t>(a.weight_decay),
+                         static_cast<op_t>(a.momentum),
+                         static_cast<op_t>(a.one_minus_dampening),
+                         static_cast<op_t>(a.grad_mul),
+                         a.nesterov,
+                         a.maximize,
+                         a.has_momentum,
+                         a.scale_grad};
+  const bool read_b = h.has_momentum && !first;
+  int64_t i = 0;
+  for (; i + T::size() <= n; i += T::size()) {
+    T tp = T::load(p + i);
+    T tg = T::load(g + i);
+    T tb;
+    if (read_b) {
+      tb = T::load(b + i);
+    } else {
+      for (int k = 0; k < T::kParts; ++k) tb.v[k] = Vec(op_t(0));
+    }
+    for (int k = 0; k < T::kParts; ++k)
+      tp.v[k] = sgd_math<Vec, op_t>(tp.v[k], tg.v[k], tb.v[k], first, h);
+    tp.store(p + i);
+    if (h.has_momentum) tb.store(b + i);
+  }
+  for (; i < n; ++i) {
+    op_t bi = read_b ? static_cast<op_t>(b[i]) : op_t(0);
+    op_t pi = sgd_math<op_t, op_t>(static_cast<op_t>(p[i]),
+                                   static_cast<op_t>(g[i]), bi, first, h);
+    p[i] = static_cast<scalar_t>(pi);
+    if (h.has_momentum) b[i] = static_cast<scalar_t>(bi);
+  }
+}
+
+}  // namespace
+
+inline KernelTable make_table(const char* name) {
+  return KernelTable{
+      name,
+      {&check_chunk<float>, &check_chunk<double>, &check_chunk<c10::Half>,
+       &check_chunk<c10::BFloat16>},
+      {&sgd_chunk<float>, &sgd_chunk<double>, &sgd_chunk<c10::Half>,
+       &sgd_chunk<c10::BFloat16>}};
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fastaccum::cpu

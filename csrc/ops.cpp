@@ -1,0 +1,59 @@
+// Schemas of every fastaccum op. Kernels register per dispatch key in their
+// own files (csrc/cpu/*_cpu.cpp, csrc/cuda/*_cuda.cu); fake impls live in
+// torch_fastaccum/_ops.py.
+//
+// NOTE: [op contract]
+// * found_inf is a float32 0-dim tensor that the caller zeroes; the check ops
+//   only ever write 1.0 into it (racing writers are harmless).
+// * grad_scale is the loss scale itself (as torch._fused_sgd_ takes it); the
+//   kernels multiply by float(1/double(scale)) like torch's unscale, times the
+//   accumulation factor 1/K.
+// * steps[i] counts the real updates of params[i] (float32 0-dim, on its
+//   device): 0 means the momentum buffer has never been written, so the next
+//   real update sets b = g. It is advanced only when the update happens, so a
+//   step skipped on inf/NaN leaves momentum uninitialised, as torch's default
+//   SGD path does (and unlike torch's fused path, see STYLE.md fact 1).
+#include <torch/library.h>
+
+#include <Python.h>
+
+#include <string>
+
+#include "cpu/kernels.h"
+
+extern "C" {
+// The .so is imported as torch_fastaccum._C only to run the static
+// TORCH_LIBRARY initialisers below; it defines no Python functions.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fastaccum, m) {
+  // Read-only pass: found_inf <- 1 if any grad element is inf/NaN;
+  // sumsq += sum(g^2) over every grad (float32 0-dim), when given.
+  m.def(
+      "nonfinite_check_(Tensor[] grads, Tensor(a!) found_inf, "
+      "Tensor(b!)? sumsq=None) -> ()");
+  // In-place unscale: g <- g * float(1/scale) * factor, with the same check.
+  m.def(
+      "unscale_check_(Tensor(a!)[] grads, Tensor(b!) found_inf, "
+      "Tensor grad_scale, *, float factor=1.0, Tensor(c!)? sumsq=None) -> ()");
+  // The fused SGD update (see sgd_math.h). Returns without touching anything
+  // when found_inf is set. momentum_buffers and steps are empty when
+  // momentum == 0. lr_tensor, when given, overrides lr.
+  m.def(
+      "fused_sgd_(Tensor(a!)[] params, Tensor[] grads, "
+      "Tensor(b!)[] momentum_buffers, Tensor(c!)[] steps, *, float lr, "
+      "Tensor? lr_tensor=None, float weight_decay, float momentum, "
+      "float dampening, bool nesterov, bool maximize, float grad_factor=1.0, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // Which CPU kernel build runs here ("default" or "avx2"), for benchmarks
+  // and tests; FASTACCUM_CPU_CAPABILITY overrides the choice.
+  m.def("_cpu_capability() -> str",
+        []() { return std::string(fastaccum::cpu::kernels().name); });
+  // Debug: the CUDA launch plan (csrc/cuda/launch_plan.h), flat-encoded; impl and encoding in csrc/launch_plan_debug.cpp.
+  m.def("_launch_plan(int[] numels, int depth, bool reverse=False, int chunk_size=0, int max_blocks=0, int max_tensors=0) -> int[]");
+}

@@ -1,0 +1,101 @@
+"""Thin typed wrappers over torch.ops.fastaccum.* and their fake impls.
+
+All per-element math lives in the kernels (csrc/); this module only forwards.
+The ops mutate their inputs and return nothing, so their fake impls only check
+what can be checked without data and return None.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "nonfinite_check_",
+    "unscale_check_",
+    "fused_sgd_",
+    "has_kernel_for",
+]
+
+
+def has_kernel_for(device_type: str) -> bool:
+    """Whether the compiled extension has kernels for a device type ("cpu", "cuda")."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastaccum::fused_sgd_", key
+    )
+
+
+def nonfinite_check_(grads: list[Tensor], found_inf: Tensor, sumsq: Tensor | None = None) -> None:
+    """Read-only: ``found_inf <- 1`` if any element of ``grads`` is inf/NaN;
+    ``sumsq += sum(g**2)`` when given. One (device, dtype) per call."""
+    torch.ops.fastaccum.nonfinite_check_.default(grads, found_inf, sumsq)
+
+
+@torch.library.register_fake("fastaccum::nonfinite_check_")
+def _(grads, found_inf, sumsq=None):
+    torch._check(found_inf.dtype == torch.float32, lambda: "found_inf must be float32")
+    return None
+
+
+def unscale_check_(
+    grads: list[Tensor],
+    found_inf: Tensor,
+    grad_scale: Tensor,
+    *,
+    factor: float = 1.0,
+    sumsq: Tensor | None = None,
+) -> None:
+    """In place ``g <- g * float(1/grad_scale) * factor`` with the inf/NaN check."""
+    torch.ops.fastaccum.unscale_check_.default(grads, found_inf, grad_scale, factor=factor, sumsq=sumsq)
+
+
+@torch.library.register_fake("fastaccum::unscale_check_")
+def _(grads, found_inf, grad_scale, *, factor=1.0, sumsq=None):
+    torch._check(found_inf.dtype == torch.float32, lambda: "found_inf must be float32")
+    return None
+
+
+def fused_sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    lr_tensor: Tensor | None,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    grad_factor: float = 1.0,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """The fused SGD step of one (device, dtype) group; see csrc/sgd_math.h."""
+    torch.ops.fastaccum.fused_sgd_.default(
+        params,
+        grads,
+        momentum_buffers,
+        steps,
+        lr=lr,
+        lr_tensor=lr_tensor,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+        grad_factor=grad_factor,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
+@torch.library.register_fake("fastaccum::fused_sgd_")
+def _(params, grads, momentum_buffers, steps, *, lr, lr_tensor=None, weight_decay, momentum,
+      dampening, nesterov, maximize, grad_factor=1.0, grad_scale=None, found_inf=None):
+    torch._check(len(grads) == len(params), lambda: "grads and params differ in length")
+    for p, g in zip(params, grads):
+        torch._check(p.shape == g.shape, lambda: "grad shape differs from its param")
+    return None

@@ -1,0 +1,147 @@
+"""GradScaler: torch.amp.GradScaler that drives AccumOptimizer without a host sync.
+
+With any other optimizer it is torch's GradScaler, unchanged. With an
+AccumOptimizer:
+* the inf/NaN check is one read-only fastaccum kernel pass per (device, dtype);
+  the unscale (1/scale, times 1/K) and the skip happen inside the fused update,
+  which reads found_inf and the scale from device tensors: no ``.item()``;
+* on micro-batches that are not an accumulation boundary, ``step`` only counts
+  and ``update`` changes nothing, so the scale is fixed within a window;
+* ``unscale_`` at a boundary leaves the *mean* unscaled gradient in ``.grad``
+  (1/K folded in), so clipping sees what the reference ``loss / K`` loop sees;
+  inside a window it does nothing (clip only at the boundary).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch.amp.grad_scaler import OptState
+
+from . import _ops
+from .optimizer import AccumOptimizer, _is_dense
+
+__all__ = ["GradScaler"]
+
+_ACCUMULATING = "fastaccum_accumulating"
+
+
+def _grads_by_device_and_dtype(optimizer, allow_fp16: bool):
+    """Dense grads (and sparse grads' values) of an optimizer, grouped."""
+    out: dict[torch.device, dict[torch.dtype, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if not allow_fp16 and g.dtype == torch.float16:
+                raise ValueError("Attempting to unscale FP16 gradients.")
+            if g.is_sparse:
+                # As torch: duplicate indices of fp16 values may overflow once summed.
+                if g.dtype is torch.float16:
+                    p.grad = g = g.coalesce()
+                g = g._values()
+            if g.is_complex():
+                g = torch.view_as_real(g)
+            if not _is_dense(g):
+                raise RuntimeError(
+                    "GradScaler: a gradient is not dense in memory; the fused check "
+                    "needs dense gradients"
+                )
+            out[g.device][g.dtype].append(g)
+    return out
+
+
+class GradScaler(torch.amp.GradScaler):
+    """Drop-in for :class:`torch.amp.GradScaler` (same arguments and methods)."""
+
+    def __init__(
+        self,
+        device: str = "cuda",
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        enabled: bool = True,
+    ) -> None:
+        super().__init__(device, init_scale, growth_factor, backoff_factor, growth_interval, enabled)
+
+    def _fused_pass(self, optimizer, scale_or_none, allow_fp16: bool, factor: float) -> dict:
+        """One fastaccum check (or unscale) pass; found_inf per device."""
+        _scale, _ = self._check_scale_growth_tracker("unscale_")
+        found_inf = torch.zeros((), dtype=torch.float32, device=_scale.device)
+        per_device_inf: dict[torch.device, torch.Tensor] = {}
+        per_device_scale: dict[torch.device, torch.Tensor] = {}
+        with torch.no_grad():
+            for device, per_dtype in _grads_by_device_and_dtype(optimizer, allow_fp16).items():
+                if device not in per_device_inf:
+                    per_device_inf[device] = found_inf.to(device, non_blocking=True)
+                for grads in per_dtype.values():
+                    if scale_or_none is None:
+                        _ops.nonfinite_check_(grads, per_device_inf[device])
+                    else:
+                        if device not in per_device_scale:
+                            per_device_scale[device] = scale_or_none.to(device, non_blocking=True)
+                        _ops.unscale_check_(grads, per_device_inf[device], per_device_scale[device], factor=factor)
+        return per_device_inf
+
+    # torch's step() calls this for optimizers with _step_supports_amp_scaling.
+    def _check_inf_per_device(self, optimizer):
+        if not isinstance(optimizer, AccumOptimizer):
+            return super()._check_inf_per_device(optimizer)
+        state = self._per_optimizer_states[id(optimizer)]
+        state["found_inf_per_device"] = self._fused_pass(optimizer, None, True, 1.0)
+        return state["found_inf_per_device"]
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._enabled or not isinstance(optimizer, AccumOptimizer):
+            return super().unscale_(optimizer)
+        self._check_scale_growth_tracker("unscale_")
+        state = self._per_optimizer_states[id(optimizer)]
+        if state["stage"] is OptState.UNSCALED:
+            raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
+        if state["stage"] is OptState.STEPPED:
+            raise RuntimeError("unscale_() is being called after step().")
+        if optimizer.is_accumulation_boundary:
+            k = optimizer.accumulation_steps
+            state["found_inf_per_device"] = self._fused_pass(optimizer, self._scale, False, 1.0 / k)
+            optimizer._grads_averaged = True
+        state["stage"] = OptState.UNSCALED
+
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any):
+        if (
+            self._enabled
+            and isinstance(optimizer, AccumOptimizer)
+            and not optimizer.is_accumulation_boundary
+        ):
+            if "closure" in kwargs:
+                raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
+            self._check_scale_growth_tracker("step")
+            state = self._per_optimizer_states[id(optimizer)]
+            if state["stage"] is OptState.STEPPED:
+                raise RuntimeError("step() has already been called since the last update().")
+            retval = optimizer.step(*args, **kwargs)  # counts the micro-batch
+            state["stage"] = OptState.STEPPED
+            state[_ACCUMULATING] = True
+            return retval
+        return super().step(optimizer, *args, **kwargs)
+
+    def update(self, new_scale: float | torch.Tensor | None = None) -> None:
+        if (
+            self._enabled
+            and new_scale is None
+            and self._per_optimizer_states
+            and all(s.get(_ACCUMULATING) for s in self._per_optimizer_states.values())
+        ):
+            # Inside an accumulation window: the scale must stay fixed.
+            self._check_scale_growth_tracker("update")
+            self._per_optimizer_states = defaultdict(torch.amp.grad_scaler._refresh_per_optimizer_state)
+            return
+        if self._enabled:
+            # Optimizers still mid-window recorded no inf check; torch's update
+            # must only see those that did.
+            for key in [k for k, s in self._per_optimizer_states.items() if s.get(_ACCUMULATING)]:
+                del self._per_optimizer_states[key]
+        return super().update(new_scale)

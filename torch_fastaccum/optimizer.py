@@ -1,0 +1,422 @@
+"""AccumOptimizer: a drop-in for torch.optim.SGD with fused gradient accumulation.
+
+Python here only validates, groups tensors by (device, dtype) and keeps state;
+every per-element operation runs in the fastaccum kernels (csrc/).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _ops
+
+__all__ = ["AccumOptimizer"]
+
+_MOMENTUM = "momentum_buffer"
+# Real updates of a param's momentum buffer, a float32 0-dim tensor on its
+# device: 0 means "never written", so the next real update sets b = g. It stays
+# on the device so a step skipped on inf/NaN needs no host read to keep it.
+_STEP = "step"
+
+
+def _validate_hyper(lr, momentum, dampening, weight_decay, nesterov, where: str) -> None:
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"{where}Tensor lr must be 1-element")
+    if lr < 0.0:
+        raise ValueError(f"{where}Invalid learning rate: {lr}")
+    if momentum < 0.0:
+        raise ValueError(f"{where}Invalid momentum value: {momentum}")
+    if weight_decay < 0.0:
+        raise ValueError(f"{where}Invalid weight_decay value: {weight_decay}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"{where}Nesterov momentum requires a momentum and zero dampening")
+
+
+def _validate_accumulation_steps(k) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"Invalid accumulation_steps: {k!r} (must be an int >= 1)")
+
+
+def _float(x) -> float:
+    return x.item() if isinstance(x, Tensor) else float(x)
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one span of numel slots."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda e: e[1]):
+        if size != 1:
+            if stride != expected:
+                return False
+            expected *= size
+    return True
+
+
+def _like(t: Tensor, ref: Tensor) -> Tensor:
+    """`t` with the element order of `ref` (a dense copy only when it differs)."""
+    if t.stride() == ref.stride() or all(
+        s == 1 or a == b for s, a, b in zip(ref.shape, t.stride(), ref.stride())
+    ):
+        return t
+    return torch.empty_like(ref).copy_(t)
+
+
+class _Launch:
+    """Lists for one fastaccum.fused_sgd_ call: one param group, device, dtype."""
+
+    __slots__ = ("params", "grads", "bufs", "steps", "writeback")
+
+    def __init__(self):
+        self.params: list[Tensor] = []
+        self.grads: list[Tensor] = []
+        self.bufs: list[Tensor] = []
+        self.steps: list[Tensor] = []
+        # (param, dense stand-in) pairs for params that are not dense spans.
+        self.writeback: list[tuple[Tensor, Tensor]] = []
+
+
+class AccumOptimizer(Optimizer):
+    r"""SGD (optionally with momentum) with fused gradient accumulation and AMP.
+
+    Same constructor, math and state as :class:`torch.optim.SGD`, plus
+    ``accumulation_steps=K``: call ``zero_grad(); loss.backward(); step()`` on
+    every micro-batch, without dividing the loss; every K-th ``step()`` applies
+
+    .. math::
+        g \leftarrow \tfrac{1}{K\,s}\textstyle\sum_{k=1}^{K} g_k
+
+    (``s`` the loss scale when a :class:`torch_fastaccum.GradScaler` drives it)
+    followed by SGD's update, in one fused pass per (device, dtype). The other
+    ``step()`` calls only count, and ``zero_grad()`` acts only right after a
+    boundary step, so gradients accumulate in ``.grad``.
+
+    ``foreach`` and ``fused`` are accepted and ignored: the fused kernels always
+    run. Sparse gradients and parameters that are not dense in memory take
+    torch's single-tensor SGD math (unfused) in the same step. After a fused
+    update ``.grad`` keeps the accumulated (scaled) gradient; it is not
+    rewritten unscaled, which saves a pass over gradient memory.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        accumulation_steps: int = 1,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
+    ) -> None:
+        _validate_hyper(lr, momentum, dampening, weight_decay, nesterov, "")
+        _validate_accumulation_steps(accumulation_steps)
+        if differentiable:
+            raise ValueError(
+                "AccumOptimizer does not support differentiable=True: its fused "
+                "kernels update parameters in place outside autograd"
+            )
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "foreach": foreach,
+            "differentiable": differentiable,
+            "fused": fused,
+            "accumulation_steps": accumulation_steps,
+        }
+        self._micro_step = 0
+        # Set by torch_fastaccum.GradScaler.unscale_, which folds 1/K into the
+        # grads it unscales; consumed by the next boundary step.
+        self._grads_averaged = False
+        super().__init__(params, defaults)
+        # GradScaler hands over grad_scale/found_inf instead of syncing.
+        self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        where = f"param_groups[{len(self.param_groups) - 1}]: "
+        try:
+            _validate_hyper(g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"], where)
+            if g["differentiable"]:
+                raise ValueError(f"{where}differentiable=True is not supported")
+            if g["accumulation_steps"] != self.defaults["accumulation_steps"]:
+                raise ValueError(
+                    f"{where}accumulation_steps={g['accumulation_steps']!r} differs from the "
+                    f"optimizer's {self.defaults['accumulation_steps']!r}; one micro-batch counter "
+                    "drives every group"
+                )
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_micro_step", 0)
+        state.setdefault("_grads_averaged", False)
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_micro_step"] = self._micro_step
+        state["_grads_averaged"] = self._grads_averaged
+        return state
+
+    # -- accumulation --------------------------------------------------------
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.defaults["accumulation_steps"]
+
+    @property
+    def is_accumulation_boundary(self) -> bool:
+        """Whether the next ``step()`` performs a real update."""
+        return (self._micro_step + 1) % self.accumulation_steps == 0
+
+    @contextlib.contextmanager
+    def accumulate(self, model: torch.nn.Module):
+        """Skip DDP's gradient all-reduce on micro-batches that do not update.
+
+        ``with opt.accumulate(model): loss = ...; loss.backward()``. For a
+        ``DistributedDataParallel`` model this is ``model.no_sync()`` unless the
+        next ``step()`` is a boundary; for any other model it does nothing.
+        """
+        ddp = getattr(torch.nn.parallel, "DistributedDataParallel", None)
+        if ddp is not None and isinstance(model, ddp) and not self.is_accumulation_boundary:
+            with model.no_sync():
+                yield
+        else:
+            yield
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As :meth:`torch.optim.SGD.zero_grad`, but only right after a boundary
+        ``step()`` (or before the first): inside a window it keeps the gradients
+        accumulating."""
+        if self._micro_step % self.accumulation_steps == 0:
+            super().zero_grad(set_to_none)
+
+    # -- the step ------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Count a micro-batch; on every K-th call, perform the fused update."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.is_accumulation_boundary:
+            self._micro_step += 1
+            return loss
+
+        k = self.accumulation_steps
+        grad_factor = 1.0 if (k == 1 or self._grads_averaged) else 1.0 / k
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        plan = self._plan()  # validates everything before any state changes
+        self._micro_step += 1
+        self._grads_averaged = False
+        self._run(plan, grad_factor, grad_scale, found_inf)
+        return loss
+
+    def _plan(self):
+        """Collect and validate (group, param, grad) triples; no state changes."""
+        if getattr(self, "_extension_checked", None) is None:
+            self._extension_checked = set()
+        plan = []
+        for gi, group in enumerate(self.param_groups):
+            dense: list[tuple[Tensor, Tensor]] = []
+            sparse: list[tuple[Tensor, Tensor]] = []
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+                    raise RuntimeError(
+                        f"AccumOptimizer: param_groups[{gi}]['params'][{pi}] (shape "
+                        f"{tuple(p.shape)}, {p.dtype}, {p.device}) has a grad of shape "
+                        f"{tuple(g.shape)}, {g.dtype}, {g.device}; the grad must match its "
+                        "parameter's dtype, shape and device"
+                    )
+                dev = p.device.type
+                if dev not in self._extension_checked:
+                    if not _ops.has_kernel_for(dev):
+                        raise RuntimeError(
+                            f"AccumOptimizer: param_groups[{gi}]['params'][{pi}] is on {p.device}, "
+                            f"but torch_fastaccum was built without {dev.upper()} kernels; "
+                            "rebuild it with a torch and toolchain for that device "
+                            "(pip install --no-build-isolation -e .)"
+                        )
+                    self._extension_checked.add(dev)
+                if not p.dtype.is_floating_point and not p.dtype.is_complex:
+                    raise RuntimeError(
+                        f"AccumOptimizer: param_groups[{gi}]['params'][{pi}] has dtype {p.dtype}; "
+                        "only floating point and complex parameters can be optimized"
+                    )
+                (sparse if g.is_sparse else dense).append((p, g))
+            plan.append((group, dense, sparse))
+        return plan
+
+    def _run(self, plan, grad_factor: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        per_device: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
+
+        def on_device(device):
+            if device not in per_device:
+                per_device[device] = (
+                    None if grad_scale is None else grad_scale.to(device, non_blocking=True),
+                    None if found_inf is None else found_inf.to(device, non_blocking=True),
+                )
+            return per_device[device]
+
+        for group, dense, sparse in plan:
+            momentum = _float(group["momentum"])
+            hyper = dict(
+                weight_decay=_float(group["weight_decay"]),
+                momentum=momentum,
+                dampening=_float(group["dampening"]),
+                nesterov=bool(group["nesterov"]),
+                maximize=bool(group["maximize"]),
+            )
+            lr = group["lr"]
+            launches: dict[tuple[torch.device, torch.dtype], _Launch] = {}
+            for p, g in dense:
+                launch = launches.get((p.device, p.dtype))
+                if launch is None:
+                    launch = launches[(p.device, p.dtype)] = _Launch()
+                self._add(launch, p, g, momentum)
+            for (device, _), launch in launches.items():
+                scale_d, inf_d = on_device(device)
+                if isinstance(lr, Tensor) and lr.device == device:
+                    lr_f, lr_t = 1.0, lr
+                else:
+                    lr_f, lr_t = _float(lr), None
+                _ops.fused_sgd_(
+                    launch.params,
+                    launch.grads,
+                    launch.bufs,
+                    launch.steps,
+                    lr=lr_f,
+                    lr_tensor=lr_t,
+                    grad_factor=grad_factor,
+                    grad_scale=scale_d,
+                    found_inf=inf_d,
+                    **hyper,
+                )
+                for p, stand_in in launch.writeback:
+                    p.copy_(stand_in)
+            if sparse:
+                self._sparse_step(group, sparse, hyper, grad_factor, grad_scale, found_inf)
+
+    def _add(self, launch: _Launch, p: Tensor, g: Tensor, momentum: float) -> None:
+        target = p
+        if not _is_dense(p):
+            target = p.contiguous()
+            launch.writeback.append((p, target))
+        g = _like(g, target)
+        if momentum != 0:
+            state = self.state[p]
+            buf = state.get(_MOMENTUM)
+            if buf is None:
+                buf = state[_MOMENTUM] = torch.zeros_like(target)
+                state[_STEP] = torch.zeros((), dtype=torch.float32, device=p.device)
+            elif _STEP not in state:  # a buffer that SGD (or load_state_dict) wrote
+                state[_STEP] = torch.ones((), dtype=torch.float32, device=p.device)
+            if _like(buf, target) is not buf:
+                buf = state[_MOMENTUM] = _like(buf, target)
+            launch.bufs.append(torch.view_as_real(buf) if buf.is_complex() else buf)
+            launch.steps.append(state[_STEP])
+        if target.is_complex():
+            target, g = torch.view_as_real(target), torch.view_as_real(g)
+        launch.params.append(target)
+        launch.grads.append(g)
+
+    def _sparse_step(self, group, pairs, hyper, grad_factor, grad_scale, found_inf) -> None:
+        # Sparse grads take torch's own single-tensor SGD math (unfused); with a
+        # scaler this is the one place a host read of found_inf is allowed.
+        if found_inf is not None and found_inf.item() != 0:
+            return
+        mul = grad_factor
+        if grad_scale is not None:  # torch's unscale_ reciprocal: fp64, then fp32
+            mul *= grad_scale.double().reciprocal().float().item()
+        params, grads, bufs = [], [], []
+        for p, g in pairs:
+            params.append(p)
+            grads.append(g * mul if mul != 1.0 else g)
+            state = self.state[p]
+            bufs.append(state.get(_MOMENTUM) if hyper["momentum"] != 0 else None)
+        torch.optim.sgd.sgd(
+            params, grads, bufs, foreach=False, fused=False, lr=_float(group["lr"]), has_sparse_grad=True, **hyper
+        )
+        if hyper["momentum"] != 0:
+            for p, b in zip(params, bufs):
+                self.state[p][_MOMENTUM] = b
+                self.state[p].pop(_STEP, None)
+
+    # -- checkpoints ---------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """SGD's format (``momentum_buffer`` per param; a param whose first real
+        update has not happened has none), plus the micro-batch counter."""
+        sd = super().state_dict()
+        packed = {}
+        for idx, s in sd["state"].items():
+            s = dict(s)
+            step = s.pop(_STEP, None)
+            if step is not None and float(step) == 0:  # may sync: not the hot path
+                s.pop(_MOMENTUM, None)
+            if s:
+                packed[idx] = s
+        sd["state"] = packed
+        sd["accumulation"] = {"micro_step": self._micro_step, "accumulation_steps": self.accumulation_steps}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads an AccumOptimizer or torch.optim.SGD state dict."""
+        acc = state_dict.get("accumulation", {})
+        micro = acc.get("micro_step", 0)
+        if isinstance(micro, bool) or not isinstance(micro, int) or micro < 0:
+            raise ValueError(f"state_dict['accumulation']['micro_step'] must be an int >= 0, got {micro!r}")
+        self._check_buffer_shapes(state_dict)
+        super().load_state_dict(state_dict)
+        for p, s in self.state.items():
+            buf = s.get(_MOMENTUM)
+            if buf is None:
+                s.pop(_MOMENTUM, None)
+                s.pop(_STEP, None)
+                continue
+            s[_STEP] = torch.ones((), dtype=torch.float32, device=p.device)
+        self._micro_step = micro
+        self._grads_averaged = False
+
+    def _check_buffer_shapes(self, state_dict: dict[str, Any]) -> None:
+        # torch checks the group sizes but not the buffers' shapes; a wrong
+        # buffer would only fail at the next step, after the load changed state.
+        saved_groups = state_dict.get("param_groups", [])
+        saved_state = state_dict.get("state", {})
+        if len(saved_groups) != len(self.param_groups):
+            return  # torch's own ValueError follows
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                return
+            for pi, (idx, p) in enumerate(zip(saved["params"], group["params"])):
+                buf = saved_state.get(idx, {}).get(_MOMENTUM)
+                if isinstance(buf, Tensor) and buf.shape != p.shape:
+                    raise ValueError(
+                        f"loaded state dict has a momentum_buffer of shape {tuple(buf.shape)} for "
+                        f"param_groups[{gi}]['params'][{pi}], whose shape is {tuple(p.shape)}"
+                    )
