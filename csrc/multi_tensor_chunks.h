@@ -33,15 +33,22 @@ inline std::vector<Chunk> make_chunks(at::TensorList tensors,
   return out;
 }
 
-// Runs f(chunk_index, chunk) over the table in parallel; lists smaller than
-// ~64K elements stay on the calling thread (a fork costs more than the work).
+// Runs f(chunk_index, chunk) over the table in parallel. Lists of fewer than
+// 64K elements in all stay on the calling thread: waking a thread pool costs
+// more than the work, however many tiny tensors the list has.
 template <typename F>
 void parallel_chunks(const std::vector<Chunk>& chunks, const F& f) {
-  const int64_t grain = std::max<int64_t>(1, 65536 / kCpuChunk);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain,
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t c = begin; c < end; ++c) f(c, chunks[c]);
-                   });
+  const int64_t n = static_cast<int64_t>(chunks.size());
+  int64_t elements = 0;
+  for (const auto& c : chunks) elements += c.end - c.begin;
+  const auto body = [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) f(c, chunks[c]);
+  };
+  if (elements < 65536) {
+    body(0, n);
+  } else {
+    at::parallel_for(0, n, 1, body);
+  }
 }
 
 }  // namespace fastaccum

@@ -21,37 +21,11 @@ import torch
 from torch.amp.grad_scaler import OptState
 
 from . import _ops
-from .optimizer import AccumOptimizer, _is_dense
+from .optimizer import AccumOptimizer, _real
 
 __all__ = ["GradScaler"]
 
 _ACCUMULATING = "fastaccum_accumulating"
-
-
-def _grads_by_device_and_dtype(optimizer, allow_fp16: bool):
-    """Dense grads (and sparse grads' values) of an optimizer, grouped."""
-    out: dict[torch.device, dict[torch.dtype, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            g = p.grad
-            if g is None:
-                continue
-            if not allow_fp16 and g.dtype == torch.float16:
-                raise ValueError("Attempting to unscale FP16 gradients.")
-            if g.is_sparse:
-                # As torch: duplicate indices of fp16 values may overflow once summed.
-                if g.dtype is torch.float16:
-                    p.grad = g = g.coalesce()
-                g = g._values()
-            if g.is_complex():
-                g = torch.view_as_real(g)
-            if not _is_dense(g):
-                raise RuntimeError(
-                    "GradScaler: a gradient is not dense in memory; the fused check "
-                    "needs dense gradients"
-                )
-            out[g.device][g.dtype].append(g)
-    return out
 
 
 class GradScaler(torch.amp.GradScaler):
@@ -75,7 +49,11 @@ class GradScaler(torch.amp.GradScaler):
         per_device_inf: dict[torch.device, torch.Tensor] = {}
         per_device_scale: dict[torch.device, torch.Tensor] = {}
         with torch.no_grad():
-            for device, per_dtype in _grads_by_device_and_dtype(optimizer, allow_fp16).items():
+            writeback: list = []
+            lists = optimizer._check_lists(writeback if scale_or_none is not None else None)
+            if not allow_fp16 and any(torch.float16 in per_dtype for per_dtype in lists.values()):
+                raise ValueError("Attempting to unscale FP16 gradients.")
+            for device, per_dtype in lists.items():
                 if device not in per_device_inf:
                     per_device_inf[device] = found_inf.to(device, non_blocking=True)
                 for grads in per_dtype.values():
@@ -85,6 +63,8 @@ class GradScaler(torch.amp.GradScaler):
                         if device not in per_device_scale:
                             per_device_scale[device] = scale_or_none.to(device, non_blocking=True)
                         _ops.unscale_check_(grads, per_device_inf[device], per_device_scale[device], factor=factor)
+            for g, dense in writeback:
+                _real(g).copy_(dense)
         return per_device_inf
 
     # torch's step() calls this for optimizers with _step_supports_amp_scaling.

@@ -59,6 +59,16 @@ def _is_dense(t: Tensor) -> bool:
     return True
 
 
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _check_view(g: Tensor) -> Tensor:
+    """A dense real tensor with g's values (a view where g is dense)."""
+    g = _real(g)
+    return g if _is_dense(g) else g.contiguous()
+
+
 def _like(t: Tensor, ref: Tensor) -> Tensor:
     """`t` with the element order of `ref` (a dense copy only when it differs)."""
     if t.stride() == ref.stride() or all(
@@ -68,18 +78,20 @@ def _like(t: Tensor, ref: Tensor) -> Tensor:
     return torch.empty_like(ref).copy_(t)
 
 
-class _Launch:
-    """Lists for one fastaccum.fused_sgd_ call: one param group, device, dtype."""
+class _Bucket:
+    """The (param, grad) pairs of one param group on one (device, dtype).
 
-    __slots__ = ("params", "grads", "bufs", "steps", "writeback")
+    `plain` buckets go to the kernel as they are; the others hold complex or
+    non-dense tensors that need a real view or a dense stand-in first.
+    """
 
-    def __init__(self):
+    __slots__ = ("device", "params", "grads", "plain")
+
+    def __init__(self, device: torch.device, plain: bool):
+        self.device = device
         self.params: list[Tensor] = []
         self.grads: list[Tensor] = []
-        self.bufs: list[Tensor] = []
-        self.steps: list[Tensor] = []
-        # (param, dense stand-in) pairs for params that are not dense spans.
-        self.writeback: list[tuple[Tensor, Tensor]] = []
+        self.plain = plain
 
 
 class AccumOptimizer(Optimizer):
@@ -228,62 +240,125 @@ class AccumOptimizer(Optimizer):
         grad_factor = 1.0 if (k == 1 or self._grads_averaged) else 1.0 / k
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        plan = self._plan()  # validates everything before any state changes
+        plan = self._collect()  # validates everything before any state changes
         self._micro_step += 1
         self._grads_averaged = False
         self._run(plan, grad_factor, grad_scale, found_inf)
         return loss
 
-    def _plan(self):
-        """Collect and validate (group, param, grad) triples; no state changes."""
-        if getattr(self, "_extension_checked", None) is None:
-            self._extension_checked = set()
+    # -- collecting the work: no state changes here ---------------------------
+
+    def _collect(self) -> list[tuple[dict, list[_Bucket], list[tuple[Tensor, Tensor]]]]:
+        """Per param group: its buckets and its sparse (param, grad) pairs."""
         plan = []
         for gi, group in enumerate(self.param_groups):
-            dense: list[tuple[Tensor, Tensor]] = []
-            sparse: list[tuple[Tensor, Tensor]] = []
-            for pi, p in enumerate(group["params"]):
-                g = p.grad
-                if g is None:
-                    continue
-                if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
-                    raise RuntimeError(
-                        f"AccumOptimizer: param_groups[{gi}]['params'][{pi}] (shape "
-                        f"{tuple(p.shape)}, {p.dtype}, {p.device}) has a grad of shape "
-                        f"{tuple(g.shape)}, {g.dtype}, {g.device}; the grad must match its "
-                        "parameter's dtype, shape and device"
-                    )
-                dev = p.device.type
-                if dev not in self._extension_checked:
-                    if not _ops.has_kernel_for(dev):
-                        raise RuntimeError(
-                            f"AccumOptimizer: param_groups[{gi}]['params'][{pi}] is on {p.device}, "
-                            f"but torch_fastaccum was built without {dev.upper()} kernels; "
-                            "rebuild it with a torch and toolchain for that device "
-                            "(pip install --no-build-isolation -e .)"
-                        )
-                    self._extension_checked.add(dev)
-                if not p.dtype.is_floating_point and not p.dtype.is_complex:
-                    raise RuntimeError(
-                        f"AccumOptimizer: param_groups[{gi}]['params'][{pi}] has dtype {p.dtype}; "
-                        "only floating point and complex parameters can be optimized"
-                    )
-                (sparse if g.is_sparse else dense).append((p, g))
-            plan.append((group, dense, sparse))
+            params = group["params"]
+            grads = [p.grad for p in params]
+            if torch.ops.fastaccum._first_unfusable.default(params, grads) < 0:
+                plan.append((group, self._plain_buckets(gi, params, grads), []))
+            else:
+                plan.append((group, *self._careful_buckets(gi, params, grads)))
         return plan
+
+    def _plain_buckets(self, gi: int, params: list[Tensor], grads: list) -> list[_Bucket]:
+        # The (device, dtype) split only changes with the set of params that
+        # have grads, so it is cached on that set: no per-tensor device/dtype
+        # lookups in the steady state.
+        missing = tuple(i for i, g in enumerate(grads) if g is None)
+        key = (len(params), missing)
+        cache = self.__dict__.setdefault("_bucket_cache", {})
+        hit = cache.get(gi)
+        # The entry holds the list itself (not its id, which can be reused).
+        if hit is None or hit[0] is not params or hit[1] != key:
+            split: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+            for i, (p, g) in enumerate(zip(params, grads)):
+                if g is not None:
+                    split.setdefault((p.device, p.dtype), []).append(i)
+            for device, _ in split:
+                self._require_kernels(device, gi)
+            hit = cache[gi] = (params, key, [(device, idx) for (device, _), idx in split.items()])
+        buckets = []
+        for device, idx in hit[2]:
+            b = _Bucket(device, plain=True)
+            b.params = [params[i] for i in idx]
+            b.grads = [grads[i] for i in idx]
+            buckets.append(b)
+        return buckets
+
+    def _careful_buckets(self, gi: int, params: list[Tensor], grads: list):
+        """The per-tensor path: precise errors, sparse, complex, odd layouts."""
+        split: dict[tuple[torch.device, torch.dtype, bool], _Bucket] = {}
+        sparse: list[tuple[Tensor, Tensor]] = []
+        for pi, (p, g) in enumerate(zip(params, grads)):
+            if g is None:
+                continue
+            where = f"param_groups[{gi}]['params'][{pi}]"
+            if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+                raise RuntimeError(
+                    f"AccumOptimizer: {where} (shape {tuple(p.shape)}, {p.dtype}, {p.device}) has a "
+                    f"grad of shape {tuple(g.shape)}, {g.dtype}, {g.device}; the grad must match its "
+                    "parameter's dtype, shape and device"
+                )
+            if not p.dtype.is_floating_point and not p.dtype.is_complex:
+                raise RuntimeError(
+                    f"AccumOptimizer: {where} has dtype {p.dtype}; only floating point and "
+                    "complex parameters can be optimized"
+                )
+            self._require_kernels(p.device, gi, pi)
+            if g.is_sparse:
+                sparse.append((p, g))
+                continue
+            plain = not p.is_complex() and g.layout == torch.strided and _is_dense(p) and _like(g, p) is g
+            b = split.get((p.device, p.dtype, plain))
+            if b is None:
+                b = split[(p.device, p.dtype, plain)] = _Bucket(p.device, plain)
+            b.params.append(p)
+            b.grads.append(g)
+        return list(split.values()), sparse
+
+    def _require_kernels(self, device: torch.device, gi: int, pi: int | None = None) -> None:
+        checked = self.__dict__.setdefault("_devices_checked", set())
+        if device.type in checked:
+            return
+        if not _ops.has_kernel_for(device.type):
+            where = f"param_groups[{gi}]" + ("" if pi is None else f"['params'][{pi}]")
+            raise RuntimeError(
+                f"AccumOptimizer: {where} has parameters on {device}, but torch_fastaccum was "
+                f"built without {device.type.upper()} kernels; rebuild it where torch and the "
+                "toolchain support that device (pip install --no-build-isolation -e .)"
+            )
+        checked.add(device.type)
+
+    def _check_lists(self, writeback: list | None = None) -> dict[torch.device, dict[torch.dtype, list[Tensor]]]:
+        """Dense tensors to check for inf/NaN, by device and dtype: the grads
+        (real views of complex ones) and the values of sparse grads. A grad
+        that is not dense in memory is checked through a dense copy; with
+        `writeback`, (grad, copy) pairs are appended there for the caller to
+        copy back after writing the copies."""
+        out: dict[torch.device, dict[torch.dtype, list[Tensor]]] = {}
+        for _, buckets, sparse in self._collect():
+            for b in buckets:
+                if b.plain:
+                    if b.grads:
+                        out.setdefault(b.device, {}).setdefault(b.grads[0].dtype, []).extend(b.grads)
+                    continue
+                for g in b.grads:  # real views may differ in dtype from the param
+                    v = _check_view(g)
+                    if writeback is not None and v.data_ptr() != _real(g).data_ptr():
+                        writeback.append((g, v))
+                    out.setdefault(b.device, {}).setdefault(v.dtype, []).append(v)
+            for p, g in sparse:
+                if g.dtype is torch.float16:  # as torch: fp16 duplicates may overflow once summed
+                    p.grad = g = g.coalesce()
+                v = _check_view(g._values())
+                out.setdefault(v.device, {}).setdefault(v.dtype, []).append(v)
+        return out
+
+    # -- running it ----------------------------------------------------------
 
     def _run(self, plan, grad_factor: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         per_device: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
-
-        def on_device(device):
-            if device not in per_device:
-                per_device[device] = (
-                    None if grad_scale is None else grad_scale.to(device, non_blocking=True),
-                    None if found_inf is None else found_inf.to(device, non_blocking=True),
-                )
-            return per_device[device]
-
-        for group, dense, sparse in plan:
+        for group, buckets, sparse in plan:
             momentum = _float(group["momentum"])
             hyper = dict(
                 weight_decay=_float(group["weight_decay"]),
@@ -293,23 +368,23 @@ class AccumOptimizer(Optimizer):
                 maximize=bool(group["maximize"]),
             )
             lr = group["lr"]
-            launches: dict[tuple[torch.device, torch.dtype], _Launch] = {}
-            for p, g in dense:
-                launch = launches.get((p.device, p.dtype))
-                if launch is None:
-                    launch = launches[(p.device, p.dtype)] = _Launch()
-                self._add(launch, p, g, momentum)
-            for (device, _), launch in launches.items():
-                scale_d, inf_d = on_device(device)
-                if isinstance(lr, Tensor) and lr.device == device:
+            for b in buckets:
+                if b.device not in per_device:
+                    per_device[b.device] = (
+                        None if grad_scale is None else grad_scale.to(b.device, non_blocking=True),
+                        None if found_inf is None else found_inf.to(b.device, non_blocking=True),
+                    )
+                scale_d, inf_d = per_device[b.device]
+                if isinstance(lr, Tensor) and lr.device == b.device:
                     lr_f, lr_t = 1.0, lr
                 else:
                     lr_f, lr_t = _float(lr), None
+                params, grads, bufs, steps, writeback = self._kernel_lists(b, momentum)
                 _ops.fused_sgd_(
-                    launch.params,
-                    launch.grads,
-                    launch.bufs,
-                    launch.steps,
+                    params,
+                    grads,
+                    bufs,
+                    steps,
                     lr=lr_f,
                     lr_tensor=lr_t,
                     grad_factor=grad_factor,
@@ -317,33 +392,43 @@ class AccumOptimizer(Optimizer):
                     found_inf=inf_d,
                     **hyper,
                 )
-                for p, stand_in in launch.writeback:
+                for p, stand_in in writeback:
                     p.copy_(stand_in)
             if sparse:
                 self._sparse_step(group, sparse, hyper, grad_factor, grad_scale, found_inf)
 
-    def _add(self, launch: _Launch, p: Tensor, g: Tensor, momentum: float) -> None:
-        target = p
-        if not _is_dense(p):
-            target = p.contiguous()
-            launch.writeback.append((p, target))
-        g = _like(g, target)
+    def _kernel_lists(self, b: _Bucket, momentum: float):
+        """params, grads, momentum buffers, step counters and write-backs of a
+        bucket, creating missing state (zeroed buffer, step 0)."""
+        params, grads, bufs, steps, writeback = b.params, b.grads, [], [], []
+        if not b.plain:
+            params, grads = [], []
+            for p, g in zip(b.params, b.grads):
+                target = p
+                if not _is_dense(p):
+                    target = p.contiguous()
+                    writeback.append((p, target))
+                params.append(target)
+                grads.append(_like(g, target))
         if momentum != 0:
-            state = self.state[p]
-            buf = state.get(_MOMENTUM)
-            if buf is None:
-                buf = state[_MOMENTUM] = torch.zeros_like(target)
-                state[_STEP] = torch.zeros((), dtype=torch.float32, device=p.device)
-            elif _STEP not in state:  # a buffer that SGD (or load_state_dict) wrote
-                state[_STEP] = torch.ones((), dtype=torch.float32, device=p.device)
-            if _like(buf, target) is not buf:
-                buf = state[_MOMENTUM] = _like(buf, target)
-            launch.bufs.append(torch.view_as_real(buf) if buf.is_complex() else buf)
-            launch.steps.append(state[_STEP])
-        if target.is_complex():
-            target, g = torch.view_as_real(target), torch.view_as_real(g)
-        launch.params.append(target)
-        launch.grads.append(g)
+            state = self.state
+            for i, (p, target) in enumerate(zip(b.params, params)):
+                s = state[p]
+                buf = s.get(_MOMENTUM)
+                if buf is None:
+                    buf = s[_MOMENTUM] = torch.zeros_like(target)
+                    s[_STEP] = torch.zeros((), dtype=torch.float32, device=p.device)
+                elif _STEP not in s:  # a buffer that SGD (or load_state_dict) wrote
+                    s[_STEP] = torch.ones((), dtype=torch.float32, device=p.device)
+                if not b.plain and _like(buf, target) is not buf:
+                    buf = s[_MOMENTUM] = _like(buf, target)
+                bufs.append(buf)
+                steps.append(s[_STEP])
+        if not b.plain:
+            params = [_real(t) for t in params]
+            grads = [_real(t) for t in grads]
+            bufs = [_real(t) for t in bufs]
+        return params, grads, bufs, steps, writeback
 
     def _sparse_step(self, group, pairs, hyper, grad_factor, grad_scale, found_inf) -> None:
         # Sparse grads take torch's own single-tensor SGD math (unfused); with a
@@ -357,8 +442,7 @@ class AccumOptimizer(Optimizer):
         for p, g in pairs:
             params.append(p)
             grads.append(g * mul if mul != 1.0 else g)
-            state = self.state[p]
-            bufs.append(state.get(_MOMENTUM) if hyper["momentum"] != 0 else None)
+            bufs.append(self.state[p].get(_MOMENTUM) if hyper["momentum"] != 0 else None)
         torch.optim.sgd.sgd(
             params, grads, bufs, foreach=False, fused=False, lr=_float(group["lr"]), has_sparse_grad=True, **hyper
         )
