@@ -238,15 +238,16 @@ def test_unscale_clip_parity(K, device):
     assert_params_close(ours_m.parameters(), ref_m.parameters())
 
 
-def test_unscale_is_noop_on_non_boundary():
-    """unscale_ on a non-boundary micro-batch is a documented no-op: grads stay
-    scaled and summed, and the final result equals a run that never called it."""
+def test_unscale_inside_window_raises_and_changes_nothing():
+    """unscale_ inside an accumulation window would unscale (and let the user
+    clip) a partial, scaled sum: it raises, leaves grads, state and scale as
+    they were, and training then goes on exactly as if it was never called."""
     K = 3
     kw = dict(lr=0.05, momentum=0.9)
     a = make_mlp(seed=1)
     b = copy.deepcopy(a)
     batches = make_batches("mlp", K * 20, seed=5)
-    called = []
+    raised = []
     opt_a = AccumOptimizer(a.parameters(), accumulation_steps=K, **kw)
     sa = GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
     for i, (x, y) in enumerate(batches):
@@ -254,14 +255,17 @@ def test_unscale_is_noop_on_non_boundary():
         sa.scale(F.mse_loss(a(x), y)).backward()
         if not opt_a.is_accumulation_boundary:
             before = [p.grad.clone() for p in a.parameters()]
-            sa.unscale_(opt_a)
-            called.append(i)
+            state_before = copy.deepcopy(opt_a.state_dict())
+            with pytest.raises(RuntimeError, match="inside an accumulation window"):
+                sa.unscale_(opt_a)
+            raised.append(i)
             for p, g in zip(a.parameters(), before):
                 assert torch.equal(p.grad, g), "unscale_ changed grads on a non-boundary micro-batch"
+            assert opt_a.state_dict()["accumulation"] == state_before["accumulation"]
         sa.step(opt_a)
         sa.update()
     _, tb = run_ours(b, batches, K, opt_kwargs=kw, scaler=GradScaler("cpu", init_scale=2.0**10, growth_interval=3))
-    assert len(called) == 2 * 20
+    assert len(raised) == 2 * 20
     assert sa.get_scale() == tb.scales[-1][0]
     assert sa._get_growth_tracker() == tb.scales[-1][1]
     assert_params_close(a.parameters(), b.parameters(), rtol=0, atol=0)

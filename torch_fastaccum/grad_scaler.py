@@ -9,7 +9,7 @@ AccumOptimizer:
   and ``update`` changes nothing, so the scale is fixed within a window;
 * ``unscale_`` at a boundary leaves the *mean* unscaled gradient in ``.grad``
   (1/K folded in), so clipping sees what the reference ``loss / K`` loop sees;
-  inside a window it does nothing (clip only at the boundary).
+  inside a window it raises: the grads there are a partial, scaled sum.
 """
 
 from __future__ import annotations
@@ -84,10 +84,19 @@ class GradScaler(torch.amp.GradScaler):
             raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
         if state["stage"] is OptState.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
-        if optimizer.is_accumulation_boundary:
-            k = optimizer.accumulation_steps
-            state["found_inf_per_device"] = self._fused_pass(optimizer, self._scale, False, 1.0 / k)
-            optimizer._grads_averaged = True
+        if not optimizer.is_accumulation_boundary:
+            # Unscaling a partial sum would mix scaled and unscaled micro-batches,
+            # and clipping it would clip the wrong gradient: refuse, loudly.
+            raise RuntimeError(
+                "unscale_() was called inside an accumulation window (micro-batch "
+                f"{optimizer._micro_step % optimizer.accumulation_steps + 1} of "
+                f"{optimizer.accumulation_steps}); the gradients are a partial, scaled sum. "
+                "Unscale and clip only at the boundary: "
+                "`if opt.is_accumulation_boundary: scaler.unscale_(opt); clip_grad_norm_(...)`"
+            )
+        k = optimizer.accumulation_steps
+        state["found_inf_per_device"] = self._fused_pass(optimizer, self._scale, False, 1.0 / k)
+        optimizer._grads_averaged = True
         state["stage"] = OptState.UNSCALED
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any):
