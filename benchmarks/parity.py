@@ -72,6 +72,7 @@ def run_parity(updates: int, k: int, overflow_at: list[int], device: str, progre
         "max_param_abs": max_abs,
         "skips_identical": rec["ref_skipped"] == rec["our_skipped"],
         "skipped_windows": sum(rec["ref_skipped"]),
+        "skipped_window_indices": [i for i, s in enumerate(rec["ref_skipped"]) if s],
         "scale_history_identical": rec["ref_scale"] == rec["our_scale"],
         "final_scale": rec["our_scale"][-1],
         "max_loss_curve_diff": loss_diff,

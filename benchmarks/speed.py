@@ -108,12 +108,15 @@ def cases(device: str, quick: bool):
     if quick:
         return [
             ("small 100K / 20 tensors", split(100_000, 20), torch.float32),
+            ("medium 1M / 62 tensors", split(1_000_000, 62), torch.float32),
             ("10M fp32 / 160 tensors", split(10_000_000, 160), torch.float32),
         ]
     return [
         ("small 100K / 20 tensors", split(100_000, 20), torch.float32),
-        ("ResNet-18-like 11.7M / 62 tensors", split(11_700_000, 62), torch.float32),
+        ("medium 1M / 62 tensors", split(1_000_000, 62), torch.float32),
         ("10M fp32 / 160 tensors", split(10_000_000, 160), torch.float32),
+        ("ResNet-18-like 11.7M / 62 tensors", split(11_700_000, 62), torch.float32),
+        ("large 50M fp32 / 200 tensors", split(50_000_000, 200), torch.float32),
         ("10M bf16 / 160 tensors", split(10_000_000, 160), torch.bfloat16),
         ("1,000 x 1,000 fp32", split(1_000_000, 1_000), torch.float32),
     ]

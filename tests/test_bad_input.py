@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from _helpers import HAS_CUDA, assert_params_close, make_batches, make_mlp, run_ours, run_ref
 from torch_fastaccum import AccumOptimizer, GradScaler
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 KW = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)
 
 

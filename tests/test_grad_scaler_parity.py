@@ -29,6 +29,8 @@ from _helpers import (
 )
 from torch_fastaccum import AccumOptimizer, GradScaler
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 N_UPDATES = 100
 
 
@@ -443,3 +445,23 @@ def test_scaler_state_dict_roundtrip_mid_run():
     run_ours(m, batches[half:], K, opt=opt2, scaler=s2, inject=inject, trace=t1, start=half)
     assert t1.scales == t_full.scales and t1.skipped == t_full.skipped
     assert_params_close(m.parameters(), full_m.parameters())
+
+
+def test_torch_grad_scaler_drives_accum_optimizer_k1():
+    """Drop-in: an existing AMP loop keeps torch.amp.GradScaler and only swaps
+    SGD for AccumOptimizer (accumulation_steps=1). torch's scaler then uses the
+    optimizer's grad_scale/found_inf contract; results must match SGD's default
+    path with the same scaler, skips and scale history included."""
+    kw = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)
+    ours_m = make_mlp(seed=3)
+    ref_m = copy.deepcopy(ours_m)
+    batches = make_batches("mlp", N_UPDATES, seed=4)
+    inject = _inject_plan(1, "inf")
+    ours = AccumOptimizer(ours_m.parameters(), **kw)
+    _, t_ours = run_ref(ours_m, batches, 1, opt=ours, inject=inject,
+                        scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3))
+    _, t_ref = run_ref(ref_m, batches, 1, opt_kwargs=kw, inject=inject,
+                       scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3))
+    _assert_same_history(t_ours, t_ref)
+    assert sum(t_ref.skipped) == 4  # windows 0, 10, 11 and 50
+    assert_params_close(ours_m.parameters(), ref_m.parameters())

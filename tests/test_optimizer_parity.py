@@ -29,6 +29,8 @@ from _helpers import (
 )
 from torch_fastaccum import AccumOptimizer
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 N_UPDATES = 100
 
 # (momentum, dampening, nesterov): every valid combination of momentum {0, 0.9},
@@ -129,8 +131,9 @@ def test_k1_in_users_own_accumulation_loop(device):
 
 
 def test_k1_is_bitwise_like_sgd_for_plain_sgd():
-    """With no momentum/weight decay the update is p - lr*g in one rounding on both
-    paths, so a single K=1 step must match SGD bit for bit."""
+    """With no momentum/weight decay the update is p - lr*g. lr = 0.125 is a power
+    of two, so lr*g is exact and p - lr*g is a single rounding whether or not
+    either side uses a fused multiply-add: a K=1 step must match SGD bit for bit."""
     m = make_mlp(seed=8)
     r = copy.deepcopy(m)
     x, y = make_batches("mlp", 1, seed=3)[0]

@@ -20,6 +20,8 @@ from _helpers import (
 )
 from torch_fastaccum import AccumOptimizer, GradScaler
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 KW = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)
 
 

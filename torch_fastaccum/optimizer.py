@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.sgd import sgd as _torch_sgd
 
 from . import _ops
 
@@ -21,7 +22,11 @@ _MOMENTUM = "momentum_buffer"
 # Real updates of a param's momentum buffer, a float32 0-dim tensor on its
 # device: 0 means "never written", so the next real update sets b = g. It stays
 # on the device so a step skipped on inf/NaN needs no host read to keep it.
-_STEP = "step"
+# Not "step": that key means an optimizer step count (torch's dtype rules and
+# tools read it), and this is internal state that state_dict() never exports.
+_STEP = "momentum_updates"
+# SGD's __setstate__ defaults for keys that older state dicts lack.
+_SGD_GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": False}
 
 
 def _validate_hyper(lr, momentum, dampening, weight_decay, nesterov, where: str) -> None:
@@ -116,6 +121,10 @@ class AccumOptimizer(Optimizer):
     rewritten unscaled, which saves a pass over gradient memory.
     """
 
+    # GradScaler hands over grad_scale/found_inf instead of syncing. A class
+    # attribute, so copies and unpickled optimizers keep it.
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         params,
@@ -155,8 +164,6 @@ class AccumOptimizer(Optimizer):
         # grads it unscales; consumed by the next boundary step.
         self._grads_averaged = False
         super().__init__(params, defaults)
-        # GradScaler hands over grad_scale/found_inf instead of syncing.
-        self._step_supports_amp_scaling = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -181,8 +188,11 @@ class AccumOptimizer(Optimizer):
         state.setdefault("_grads_averaged", False)
         super().__setstate__(state)
         for group in self.param_groups:
-            for k, v in self.defaults.items():
+            for k, v in _SGD_GROUP_DEFAULTS.items():
                 group.setdefault(k, v)
+            # One micro-batch counter drives every group: K is the optimizer's.
+            group.setdefault("accumulation_steps", self.defaults["accumulation_steps"])
+        self._restore_momentum_state()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -306,6 +316,12 @@ class AccumOptimizer(Optimizer):
                 )
             self._require_kernels(p.device, gi, pi)
             if g.is_sparse:
+                if _float(self.param_groups[gi]["weight_decay"]) != 0:
+                    raise RuntimeError(
+                        f"AccumOptimizer: {where} has a sparse grad, and param_groups[{gi}] has "
+                        "weight_decay != 0; sparse gradients do not support weight decay "
+                        "(torch.optim.SGD fails there too: add(sparse, dense) is not supported)"
+                    )
                 sparse.append((p, g))
                 continue
             plain = not p.is_complex() and g.layout == torch.strided and _is_dense(p) and _like(g, p) is g
@@ -443,7 +459,7 @@ class AccumOptimizer(Optimizer):
             params.append(p)
             grads.append(g * mul if mul != 1.0 else g)
             bufs.append(self.state[p].get(_MOMENTUM) if hyper["momentum"] != 0 else None)
-        torch.optim.sgd.sgd(
+        _torch_sgd(
             params, grads, bufs, foreach=False, fused=False, lr=_float(group["lr"]), has_sparse_grad=True, **hyper
         )
         if hyper["momentum"] != 0:
@@ -455,37 +471,62 @@ class AccumOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """SGD's format (``momentum_buffer`` per param; a param whose first real
-        update has not happened has none), plus the micro-batch counter."""
-        sd = super().state_dict()
+        update has not happened has none), plus the micro-batch counter in
+        ``"accumulation"``. User post-hooks see the finished dict."""
+        handle = self.register_state_dict_post_hook(AccumOptimizer._pack_state_dict, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            handle.remove()
+
+    def _pack_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
         packed = {}
         for idx, s in sd["state"].items():
-            s = dict(s)
-            step = s.pop(_STEP, None)
-            if step is not None and float(step) == 0:  # may sync: not the hot path
-                s.pop(_MOMENTUM, None)
-            if s:
-                packed[idx] = s
+            if isinstance(s, dict) and _STEP in s:
+                s = dict(s)  # the live state dict is shared: never edit it
+                step = s.pop(_STEP)
+                if float(step) == 0:  # may sync: not the hot path
+                    s.pop(_MOMENTUM, None)
+                if not s:
+                    continue  # as SGD: no entry before the first real update
+            packed[idx] = s
         sd["state"] = packed
         sd["accumulation"] = {"micro_step": self._micro_step, "accumulation_steps": self.accumulation_steps}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads an AccumOptimizer or torch.optim.SGD state dict."""
+        """Loads an AccumOptimizer or torch.optim.SGD state dict. It is
+        validated after the user's pre-hooks and before anything changes; the
+        user's post-hooks see the restored counter and momentum state."""
+        handle = self.register_load_state_dict_pre_hook(AccumOptimizer._validate_loaded)
+        try:
+            super().load_state_dict(state_dict)  # ends in __setstate__
+        finally:
+            handle.remove()
+            self.__dict__.pop("_loading_micro_step", None)
+
+    def _validate_loaded(self, state_dict: dict[str, Any]) -> None:
         acc = state_dict.get("accumulation", {})
-        micro = acc.get("micro_step", 0)
+        micro = acc.get("micro_step", 0) if isinstance(acc, dict) else acc
         if isinstance(micro, bool) or not isinstance(micro, int) or micro < 0:
             raise ValueError(f"state_dict['accumulation']['micro_step'] must be an int >= 0, got {micro!r}")
         self._check_buffer_shapes(state_dict)
-        super().load_state_dict(state_dict)
+        self._loading_micro_step = micro
+
+    def _restore_momentum_state(self) -> None:
+        """After a load (torch's load_state_dict ends in __setstate__): a loaded
+        momentum buffer has had a real update; an absent one has not."""
+        if "_loading_micro_step" in self.__dict__:
+            self._micro_step = self._loading_micro_step
+            self._grads_averaged = False
         for p, s in self.state.items():
-            buf = s.get(_MOMENTUM)
-            if buf is None:
+            if not isinstance(p, Tensor) or not isinstance(s, dict):
+                continue
+            if s.get(_MOMENTUM) is None:
                 s.pop(_MOMENTUM, None)
                 s.pop(_STEP, None)
-                continue
-            s[_STEP] = torch.ones((), dtype=torch.float32, device=p.device)
-        self._micro_step = micro
-        self._grads_averaged = False
+            elif _STEP not in s or s[_STEP].device != p.device:
+                s[_STEP] = torch.ones((), dtype=torch.float32, device=p.device)
 
     def _check_buffer_shapes(self, state_dict: dict[str, Any]) -> None:
         # torch checks the group sizes but not the buffers' shapes; a wrong

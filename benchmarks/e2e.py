@@ -1,0 +1,67 @@
+"""End-to-end: time per micro-batch of the whole training loop (forward,
+backward, scaler, optimizer) for the reference PyTorch loop and for ours,
+run in alternating blocks so machine drift hits both alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from torch_fastaccum import AccumOptimizer, GradScaler
+
+from .models import Net, synthetic_batches
+
+
+def time_e2e(device: str, k: int, blocks: int, block_updates: int) -> dict:
+    data = [(x.to(device), y.to(device)) for x, y in synthetic_batches(k * block_updates, 64, seed=3)]
+    loss_fn = nn.CrossEntropyLoss()
+    hyper = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def reference():
+        model = Net().to(device)
+        opt = torch.optim.SGD(model.parameters(), **hyper)
+        scaler = torch.amp.GradScaler(device)
+
+        def run():
+            for i, (x, y) in enumerate(data):
+                scaler.scale(loss_fn(model(x), y) / k).backward()
+                if (i + 1) % k == 0:
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad()
+
+        return run
+
+    def ours():
+        model = Net().to(device)
+        opt = AccumOptimizer(model.parameters(), accumulation_steps=k, **hyper)
+        scaler = GradScaler(device)
+
+        def run():
+            for x, y in data:
+                opt.zero_grad()
+                scaler.scale(loss_fn(model(x), y)).backward()
+                scaler.step(opt)
+                scaler.update()
+
+        return run
+
+    loops = {"torch_default": reference(), "fastaccum": ours()}
+    samples = {name: [] for name in loops}
+    for b in range(blocks + 1):
+        for name, run in loops.items():
+            sync()
+            t0 = time.perf_counter()
+            run()
+            sync()
+            if b > 0:  # block 0 warms up
+                samples[name].append((time.perf_counter() - t0) / len(data))
+    out = {"accumulation_steps": k, "micro_batch": 64, "micro_batches_per_block": len(data), "blocks": blocks}
+    for name, s in samples.items():
+        out[name + "_ms_per_micro_batch"] = statistics.median(s) * 1e3
+    out["speedup"] = out["torch_default_ms_per_micro_batch"] / out["fastaccum_ms_per_micro_batch"]
+    return out
