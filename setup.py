@@ -75,7 +75,9 @@ if use_cuda and not os.getenv("TORCH_CUDA_ARCH_LIST"):
     # Without a visible GPU, cpp_extension would guess; pin the archs we ship.
     os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
-define_macros = [("Py_LIMITED_API", "0x030A0000")]
+# py_limited_api=True: cpp_extension itself defines Py_LIMITED_API (its minimum
+# CPython); defining it here too could disagree with another torch version.
+define_macros = []
 if use_cuda:
     ext = CUDAExtension(
         "torch_fastaccum._C",

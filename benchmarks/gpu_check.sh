@@ -26,6 +26,7 @@ mkdir -p "$RESULTS_DIR"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 PREFIX="$RESULTS_DIR/gpu_check-$STAMP"
 SUMMARY="$PREFIX-summary.txt"
+START_MARK="$(mktemp)"  # files newer than this were written by this run
 NPROC="$(nproc 2>/dev/null || echo 4)"
 export MAX_JOBS="${MAX_JOBS:-$((NPROC < 8 ? NPROC : 8))}"
 export NVCC_THREADS="${NVCC_THREADS:-2}"
@@ -54,7 +55,8 @@ stage() {
 } 2>&1 | tee "$SUMMARY"
 
 if [[ "${SKIP_BUILD:-0}" != "1" ]]; then
-  stage build "$PYTHON" -m pip install --no-build-isolation -v -e . || status=1
+  # --no-deps: the GPU machine has no network; torch is already there.
+  stage build "$PYTHON" -m pip install --no-build-isolation --no-deps -v -e . || status=1
 fi
 
 # A CPU-only build (no CUDA torch or no nvcc) would make every CUDA test skip
@@ -74,11 +76,20 @@ fi
 
 if [[ "${SKIP_BENCH:-0}" != "1" ]]; then
   if "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('benchmarks.__main__') is None)" 2>/dev/null; then
-    stage bench "$PYTHON" -m benchmarks --device cuda || status=1
+    stage bench "$PYTHON" -m benchmarks --device cuda --out "$RESULTS_DIR" || status=1
   else
     note "bench: skipped (no benchmarks/__main__.py yet)"
   fi
 fi
 
 note "gpu_check: $([[ $status -eq 0 ]] && echo PASS || echo FAIL)"
+
+# On the device tool's machine, what is written under $OUT comes back (at most
+# 8 files): one archive of everything, plus the result table and summary.
+if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
+  tar czf "$OUT/gpu_check-$STAMP.tar.gz" -C "$RESULTS_DIR" .
+  cp "$SUMMARY" "$OUT/"
+  find "$RESULTS_DIR" -maxdepth 1 -newer "$START_MARK" \( -name '*.md' -o -name '*.json' -o -name '*.png' \) \
+    -exec cp {} "$OUT/" \;
+fi
 exit "$status"

@@ -21,7 +21,7 @@ import torch
 from torch.amp.grad_scaler import OptState
 
 from . import _ops
-from .optimizer import AccumOptimizer, _real
+from .optimizer import AccumOptimizer, _real, _to_device
 
 __all__ = ["GradScaler"]
 
@@ -55,13 +55,17 @@ class GradScaler(torch.amp.GradScaler):
                 raise ValueError("Attempting to unscale FP16 gradients.")
             for device, per_dtype in lists.items():
                 if device not in per_device_inf:
-                    per_device_inf[device] = found_inf.to(device, non_blocking=True)
+                    # Each device's flag is its own tensor (torch's _MultiDeviceReplicator
+                    # does the same); the scale's device keeps `found_inf` itself.
+                    per_device_inf[device] = (
+                        found_inf if device == found_inf.device else torch.zeros_like(found_inf, device=device)
+                    )
                 for grads in per_dtype.values():
                     if scale_or_none is None:
                         _ops.nonfinite_check_(grads, per_device_inf[device])
                     else:
                         if device not in per_device_scale:
-                            per_device_scale[device] = scale_or_none.to(device, non_blocking=True)
+                            per_device_scale[device] = _to_device(scale_or_none, device)
                         _ops.unscale_check_(grads, per_device_inf[device], per_device_scale[device], factor=factor)
             for g, dense in writeback:
                 _real(g).copy_(dense)

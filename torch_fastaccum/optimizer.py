@@ -64,6 +64,13 @@ def _is_dense(t: Tensor) -> bool:
     return True
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """`t` on `device`, without a sync where the kernels read it on the device.
+    A copy to the CPU is blocking: the CPU kernels read it at once, and a
+    non-blocking device-to-host copy may not have landed yet."""
+    return t.to(device, non_blocking=device.type != "cpu")
+
+
 def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
@@ -387,8 +394,8 @@ class AccumOptimizer(Optimizer):
             for b in buckets:
                 if b.device not in per_device:
                     per_device[b.device] = (
-                        None if grad_scale is None else grad_scale.to(b.device, non_blocking=True),
-                        None if found_inf is None else found_inf.to(b.device, non_blocking=True),
+                        None if grad_scale is None else _to_device(grad_scale, b.device),
+                        None if found_inf is None else _to_device(found_inf, b.device),
                     )
                 scale_d, inf_d = per_device[b.device]
                 if isinstance(lr, Tensor) and lr.device == b.device:
