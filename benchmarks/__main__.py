@@ -100,6 +100,18 @@ def markdown(result: dict) -> str:
             f"{c['speedup_vs_torch_default']:.2f}x | {c['speedup_vs_torch_fused']:.2f}x | "
             f"{o['gbps']:.1f} | {100 * o['gbps'] / result['copy_gbps']:.0f}% |"
         )
+    if any("host_syncs" in c["paths"]["fastaccum"] for c in result["speed"]):
+        lines += [
+            "",
+            "Host syncs / kernel launches per step (sync debug mode, profiler):",
+            "",
+            "| case | torch default | torch fused | fastaccum |",
+            "|---|---:|---:|---:|",
+        ]
+        for c in result["speed"]:
+            cells = [f"{c['paths'][k].get('host_syncs', '?')} / {c['paths'][k].get('kernel_launches', '?')}"
+                     for k in ("torch_default", "torch_fused", "fastaccum")]
+            lines.append(f"| {c['case']} | " + " | ".join(cells) + " |")
     e = result.get("e2e")
     if e:
         lines += [

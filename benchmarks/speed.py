@@ -76,10 +76,54 @@ def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, war
         med = statistics.median(samples[p])
         out["paths"][p] = {"ms": med * 1e3, "gbps": min_bytes / med / 1e9,
                            "min_ms": min(samples[p]) * 1e3, "samples": len(samples[p])}
+    if device == "cuda":
+        try:
+            for path, counts in count_syncs_and_launches(sizes, dtype, device).items():
+                out["paths"][path].update(counts)
+        except Exception as e:  # the timings stand without the counts
+            out["count_error"] = f"{type(e).__name__}: {e}"
     ours = out["paths"]["fastaccum"]["ms"]
     out["speedup_vs_torch_default"] = out["paths"]["torch_default"]["ms"] / ours
     out["speedup_vs_torch_fused"] = out["paths"]["torch_fused"]["ms"] / ours
     del setups
+    return out
+
+
+def count_syncs_and_launches(sizes: list[int], dtype, device: str) -> dict:
+    """Host syncs (torch.cuda sync debug mode, 'warn') and kernel launches
+    (profiler) of one scaler.step(opt); scaler.update() per path. CUDA only."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for path in PATHS:
+        opt, scaler = _make(path, sizes, dtype, device, seed=11)
+        for _ in range(2):  # warm-up: lazy state, caches
+            scaler.step(opt)
+            scaler.update()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                scaler.step(opt)
+                scaler.update()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            scaler.step(opt)
+            scaler.update()
+            torch.cuda.synchronize()
+        launches = sum(
+            1 for e in prof.events()
+            if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower()
+            and "memset" not in e.name.lower()
+        )
+        out[path] = {"host_syncs": syncs, "kernel_launches": launches}
+        del opt, scaler
     return out
 
 
