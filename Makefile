@@ -15,8 +15,12 @@ setup:
 	# --no-build-isolation: build against the torch installed above, never a
 	# freshly downloaded one (see README, "Building").
 	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	@$(PYTHON) -c "import torch, torch_fastaccum as t; from torch_fastaccum import _ops; \
+		print('torch_fastaccum built:', 'CPU+CUDA' if _ops.has_kernel_for('cuda') else 'CPU-only', \
+		'(CPU kernels: ' + torch.ops.fastaccum._cpu_capability() + ', torch ' + torch.__version__ + ')')"
 
 bench: setup
+	@$(PYTHON) -c "import matplotlib" 2>/dev/null || $(PYTHON) -m pip install matplotlib
 	$(PYTHON) -m benchmarks $(BENCH_ARGS)
 
 test: setup

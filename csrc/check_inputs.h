@@ -63,6 +63,30 @@ inline void check_scalar_f32(const at::Tensor& t, const char* name) {
               t.scalar_type());
 }
 
+// The lists of one fastaccum::fused_sgd_ call: one device and dtype, grads and
+// buffers shaped and laid out like their params, and (with momentum) one
+// float32 step counter per param on its device.
+inline void check_sgd_lists(at::TensorList params, at::TensorList grads,
+                            at::TensorList momentum_buffers,
+                            at::TensorList steps, bool has_momentum) {
+  check_uniform(params, "params");
+  check_like(params, grads, "grads");
+  if (!has_momentum) {
+    TORCH_CHECK(momentum_buffers.empty() && steps.empty(),
+                "momentum_buffers and steps must be empty when momentum == 0");
+    return;
+  }
+  check_like(params, momentum_buffers, "momentum_buffers");
+  TORCH_CHECK(steps.size() == params.size(), "steps has ", steps.size(),
+              " tensors but params has ", params.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    check_scalar_f32(steps[i], "steps[i]");
+    TORCH_CHECK(steps[i].device() == params[i].device(), "steps[", i,
+                "] is on ", steps[i].device(), " but its param is on ",
+                params[i].device());
+  }
+}
+
 // Index of a storage dtype in the CPU kernel table (csrc/cpu/kernels.h order).
 inline int dtype_index(at::ScalarType t) {
   switch (t) {

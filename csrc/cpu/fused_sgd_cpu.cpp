@@ -20,21 +20,8 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads,
                    bool nesterov, bool maximize, double grad_factor,
                    const c10::optional<at::Tensor>& grad_scale,
                    const c10::optional<at::Tensor>& found_inf) {
-  check_uniform(params, "params");
-  check_like(params, grads, "grads");
   const bool has_momentum = momentum != 0.0;
-  if (has_momentum) {
-    check_like(params, momentum_buffers, "momentum_buffers");
-    TORCH_CHECK(steps.size() == params.size(), "steps has ", steps.size(),
-                " tensors but params has ", params.size());
-    for (const auto& s : steps) {
-      check_scalar_f32(s, "steps[i]");
-      TORCH_CHECK(s.device().is_cpu(), "steps must be on the CPU");
-    }
-  } else {
-    TORCH_CHECK(momentum_buffers.empty() && steps.empty(),
-                "momentum_buffers and steps must be empty when momentum == 0");
-  }
+  check_sgd_lists(params, grads, momentum_buffers, steps, has_momentum);
   if (found_inf) {
     check_scalar_f32(*found_inf, "found_inf");
     // Host read: free on the CPU, and the contract of a skipped step.
