@@ -119,7 +119,16 @@ class GradScaler(torch.amp.GradScaler):
             state["stage"] = OptState.STEPPED
             state[_ACCUMULATING] = True
             return retval
-        return super().step(optimizer, *args, **kwargs)
+        if not (self._enabled and isinstance(optimizer, AccumOptimizer)):
+            return super().step(optimizer, *args, **kwargs)
+        try:
+            return super().step(optimizer, *args, **kwargs)
+        finally:
+            # torch hands grad_scale/found_inf over as attributes and deletes them
+            # only when optimizer.step() returns; after an exception a retry would
+            # multiply the stale scale in (unscaling by 1/scale^2). Never leave them.
+            for name in ("grad_scale", "found_inf"):
+                optimizer.__dict__.pop(name, None)
 
     def update(self, new_scale: float | torch.Tensor | None = None) -> None:
         if (

@@ -511,6 +511,7 @@ class AccumOptimizer(Optimizer):
         finally:
             handle.remove()
             self.__dict__.pop("_loading_micro_step", None)
+            self.__dict__.pop("_loading_accumulation_steps", None)
 
     def _validate_loaded(self, state_dict: dict[str, Any]) -> None:
         acc = state_dict.get("accumulation", {})
@@ -518,7 +519,18 @@ class AccumOptimizer(Optimizer):
         if isinstance(micro, bool) or not isinstance(micro, int) or micro < 0:
             raise ValueError(f"state_dict['accumulation']['micro_step'] must be an int >= 0, got {micro!r}")
         self._check_buffer_shapes(state_dict)
+        # As torch loads every saved hyper-parameter over the constructor's, the
+        # saved K wins too; it must be one valid K for all groups.
+        ks = {g.get("accumulation_steps", self.accumulation_steps) for g in state_dict.get("param_groups", [])}
+        if len(ks) > 1:
+            raise ValueError(f"loaded state dict has param groups with different accumulation_steps: {sorted(ks)}")
+        k = ks.pop() if ks else self.accumulation_steps
+        try:
+            _validate_accumulation_steps(k)
+        except ValueError as e:
+            raise ValueError(f"loaded state dict: {e}") from None
         self._loading_micro_step = micro
+        self._loading_accumulation_steps = k
 
     def _restore_momentum_state(self) -> None:
         """After a load (torch's load_state_dict ends in __setstate__): a loaded
@@ -526,6 +538,10 @@ class AccumOptimizer(Optimizer):
         if "_loading_micro_step" in self.__dict__:
             self._micro_step = self._loading_micro_step
             self._grads_averaged = False
+            k = self._loading_accumulation_steps
+            self.defaults["accumulation_steps"] = k
+            for group in self.param_groups:
+                group["accumulation_steps"] = k
         for p, s in self.state.items():
             if not isinstance(p, Tensor) or not isinstance(s, dict):
                 continue
