@@ -11,7 +11,18 @@
 //   g = g + momentum*b if nesterov else g = b;   p = p - lr*g.
 // Unscaling (1/loss_scale) and accumulation averaging (1/K) are folded into a
 // single multiplier applied to g before everything else.
+//
+// NOTE: [rounding like torch]
+// torch's SGD is a chain of tensor ops, and every `x.add_(y, alpha=a)` is one
+// fused multiply-add, round(x + a*y), in its vectorised CPU and its CUDA
+// kernels, while `x.mul_(a)` rounds on its own. The math below makes exactly
+// those roundings, with explicit fmadd calls (no reliance on the compiler's
+// contraction choices): momentum is round(round(b*mu) + (1-tau)*g), not
+// round(mu*b + (1-tau)*g). With a power-of-two K and loss scale, grad_mul is
+// exact, and fp32 parameters then match torch's default path bit for bit.
 #pragma once
+
+#include <cmath>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FASTACCUM_HD __host__ __device__ __forceinline__
@@ -22,6 +33,27 @@
 #endif
 
 namespace fastaccum {
+
+// a*b + c with one rounding. Scalars here; at::vec::Vectorized gets
+// at::vec::fmadd through argument-dependent lookup.
+FASTACCUM_HD float fmadd(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#elif defined(__GNUC__)
+  return __builtin_fmaf(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+FASTACCUM_HD double fmadd(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return __fma_rn(a, b, c);
+#elif defined(__GNUC__)
+  return __builtin_fma(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
 
 // Hyper-parameters of one fused SGD call, already in the math type.
 template <typename opmath_t>
@@ -43,20 +75,22 @@ template <typename V, typename opmath_t>
 FASTACCUM_HD V sgd_math(V p, V g, V& b, bool first, const SgdHyper<opmath_t>& h) {
   if (h.scale_grad) g = g * V(h.grad_mul);
   if (h.maximize) g = V(opmath_t(0)) - g;
-  if (h.weight_decay != opmath_t(0)) g = g + V(h.weight_decay) * p;
+  // torch: grad.add(param, alpha=wd)
+  if (h.weight_decay != opmath_t(0)) g = fmadd(p, V(h.weight_decay), g);
   if (h.has_momentum) {
     if (first) {
-      b = g;
+      b = g;  // torch: grad.clone()
     } else {
-      b = V(h.momentum) * b + V(h.one_minus_dampening) * g;
+      // torch: buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+      b = fmadd(g, V(h.one_minus_dampening), b * V(h.momentum));
     }
     if (h.nesterov) {
-      g = g + V(h.momentum) * b;
+      g = fmadd(b, V(h.momentum), g);  // torch: grad.add(buf, alpha=momentum)
     } else {
       g = b;
     }
   }
-  return p - V(h.lr) * g;
+  return fmadd(g, V(opmath_t(0) - h.lr), p);  // torch: param.add_(grad, alpha=-lr)
 }
 
 // x * 0 is 0 for every finite x and NaN for +-inf and NaN, so a running sum of

@@ -39,6 +39,12 @@ struct Tile {
   static constexpr int kParts = is_reduced_v<scalar_t> ? 2 : 1;
   Vec v[kParts];
 
+  static Tile zeros() {
+    Tile t;
+    for (int k = 0; k < kParts; ++k) t.v[k] = Vec(opmath_t<scalar_t>(0));
+    return t;
+  }
+
   static Tile load(const scalar_t* p) {
     Tile t;
     if constexpr (is_reduced_v<scalar_t>) {
@@ -121,19 +127,26 @@ void sgd_chunk(void* p_, const void* g_, void* b_, int64_t n, bool first,
                          a.scale_grad};
   const bool read_b = h.has_momentum && !first;
   int64_t i = 0;
-  for (; i + T::size() <= n; i += T::size()) {
-    T tp = T::load(p + i);
-    T tg = T::load(g + i);
-    T tb;
-    if (read_b) {
-      tb = T::load(b + i);
-    } else {
-      for (int k = 0; k < T::kParts; ++k) tb.v[k] = Vec(op_t(0));
+  if constexpr (!is_reduced_v<scalar_t>) {
+    // Plain vectors, no Tile aggregate: GCC 12 crashes in early SRA on the
+    // Tile form of this loop for float once it holds explicit FMAs.
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      Vec vb = read_b ? Vec::loadu(b + i) : Vec(op_t(0));
+      const Vec vp = sgd_math<Vec, op_t>(Vec::loadu(p + i), Vec::loadu(g + i),
+                                         vb, first, h);
+      vp.store(p + i);
+      if (h.has_momentum) vb.store(b + i);
     }
-    for (int k = 0; k < T::kParts; ++k)
-      tp.v[k] = sgd_math<Vec, op_t>(tp.v[k], tg.v[k], tb.v[k], first, h);
-    tp.store(p + i);
-    if (h.has_momentum) tb.store(b + i);
+  } else {
+    for (; i + T::size() <= n; i += T::size()) {
+      T tp = T::load(p + i);
+      const T tg = T::load(g + i);
+      T tb = read_b ? T::load(b + i) : T::zeros();
+      for (int k = 0; k < T::kParts; ++k)
+        tp.v[k] = sgd_math<Vec, op_t>(tp.v[k], tg.v[k], tb.v[k], first, h);
+      tp.store(p + i);
+      if (h.has_momentum) tb.store(b + i);
+    }
   }
   for (; i < n; ++i) {
     op_t bi = read_b ? static_cast<op_t>(b[i]) : op_t(0);
