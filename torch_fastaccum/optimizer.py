@@ -97,13 +97,17 @@ class _Bucket:
     non-dense tensors that need a real view or a dense stand-in first.
     """
 
-    __slots__ = ("device", "params", "grads", "plain")
+    __slots__ = ("device", "params", "grads", "plain", "verify_state")
 
-    def __init__(self, device: torch.device, plain: bool):
+    def __init__(self, device: torch.device, plain: bool, verify_state: bool = True):
         self.device = device
         self.params: list[Tensor] = []
         self.grads: list[Tensor] = []
         self.plain = plain
+        # Check that existing momentum state still matches its params (they
+        # may have been moved or cast in place since it was made); skipped in
+        # the steady state of a plain bucket, where nothing about them changed.
+        self.verify_state = verify_state
 
 
 class AccumOptimizer(Optimizer):
@@ -122,8 +126,9 @@ class AccumOptimizer(Optimizer):
     boundary step, so gradients accumulate in ``.grad``.
 
     ``foreach`` and ``fused`` are accepted and ignored: the fused kernels always
-    run. Sparse gradients and parameters that are not dense in memory take
-    torch's single-tensor SGD math (unfused) in the same step. After a fused
+    run. Sparse gradients take torch's single-tensor SGD math (unfused) in the
+    same step; parameters that are not dense in memory go through a dense
+    stand-in that is copied back. After a fused
     update ``.grad`` keeps the accumulated (scaled) gradient; it is not
     rewritten unscaled, which saves a pass over gradient memory.
     """
@@ -271,22 +276,23 @@ class AccumOptimizer(Optimizer):
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
             grads = [p.grad for p in params]
-            if torch.ops.fastaccum._first_unfusable.default(params, grads) < 0:
-                plan.append((group, self._plain_buckets(gi, params, grads), []))
+            first_bad, signature = torch.ops.fastaccum._first_unfusable.default(params, grads)
+            if first_bad < 0:
+                plan.append((group, self._plain_buckets(gi, params, grads, signature), []))
             else:
                 plan.append((group, *self._careful_buckets(gi, params, grads)))
         return plan
 
-    def _plain_buckets(self, gi: int, params: list[Tensor], grads: list) -> list[_Bucket]:
-        # The (device, dtype) split only changes with the set of params that
-        # have grads, so it is cached on that set: no per-tensor device/dtype
-        # lookups in the steady state.
-        missing = tuple(i for i, g in enumerate(grads) if g is None)
-        key = (len(params), missing)
+    def _plain_buckets(self, gi: int, params: list[Tensor], grads: list, signature: int) -> list[_Bucket]:
+        # The (device, dtype) split is cached on what decides it: which params
+        # have grads and their devices and dtypes (the C++ triage's signature),
+        # so the steady state does no per-tensor device/dtype lookups.
+        key = (len(params), signature)
         cache = self.__dict__.setdefault("_bucket_cache", {})
         hit = cache.get(gi)
         # The entry holds the list itself (not its id, which can be reused).
-        if hit is None or hit[0] is not params or hit[1] != key:
+        miss = hit is None or hit[0] is not params or hit[1] != key
+        if miss:
             split: dict[tuple[torch.device, torch.dtype], list[int]] = {}
             for i, (p, g) in enumerate(zip(params, grads)):
                 if g is not None:
@@ -296,7 +302,7 @@ class AccumOptimizer(Optimizer):
             hit = cache[gi] = (params, key, [(device, idx) for (device, _), idx in split.items()])
         buckets = []
         for device, idx in hit[2]:
-            b = _Bucket(device, plain=True)
+            b = _Bucket(device, plain=True, verify_state=miss)
             b.params = [params[i] for i in idx]
             b.grads = [grads[i] for i in idx]
             buckets.append(b)
@@ -443,8 +449,15 @@ class AccumOptimizer(Optimizer):
                     s[_STEP] = torch.zeros((), dtype=torch.float32, device=p.device)
                 elif _STEP not in s:  # a buffer that SGD (or load_state_dict) wrote
                     s[_STEP] = torch.ones((), dtype=torch.float32, device=p.device)
-                if not b.plain and _like(buf, target) is not buf:
-                    buf = s[_MOMENTUM] = _like(buf, target)
+                if b.verify_state:
+                    # The param was moved or cast since (module.to(), .double()):
+                    # follow it, as load_state_dict casts loaded buffers.
+                    if buf.dtype != target.dtype or buf.device != target.device:
+                        buf = s[_MOMENTUM] = buf.to(device=target.device, dtype=target.dtype)
+                    if s[_STEP].device != target.device:
+                        s[_STEP] = s[_STEP].to(target.device)
+                    if _like(buf, target) is not buf:
+                        buf = s[_MOMENTUM] = _like(buf, target)
                 bufs.append(buf)
                 steps.append(s[_STEP])
         if not b.plain:
