@@ -12,6 +12,9 @@ setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
 	@$(PYTHON) -c "import ninja, pytest, hypothesis, expecttest" 2>/dev/null || \
 		$(PYTHON) -m pip install ninja pytest hypothesis expecttest numpy
+	@# A non-isolated build uses this environment's setuptools: it needs bdist_wheel.
+	@$(PYTHON) -c "import setuptools.command.bdist_wheel" 2>/dev/null || \
+		$(PYTHON) -m pip install "setuptools>=70.1"
 	# --no-build-isolation: build against the torch installed above, never a
 	# freshly downloaded one (see README, "Building").
 	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .

@@ -102,8 +102,22 @@ print(
     flush=True,
 )
 
+
+def _has_bdist_wheel():
+    # setuptools >= 70.1 has it built in; older ones need the wheel package.
+    # Naming an absent command in `options` breaks even `pip install -e .`.
+    for mod in ("setuptools.command.bdist_wheel", "wheel.bdist_wheel"):
+        try:
+            __import__(mod)
+            return True
+        except ImportError:
+            pass
+    return False
+
+
 setup(
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    # One abi3 wheel for every CPython >= 3.10 (the extension uses the limited API).
+    options={"bdist_wheel": {"py_limited_api": "cp310"}} if _has_bdist_wheel() else {},
 )
