@@ -15,12 +15,25 @@
 #   RESULTS_DIR   where the logs go
 #   PYTEST_ARGS   pytest arguments (default: "tests -ra")
 #   SKIP_BUILD=1 / SKIP_TESTS=1 / SKIP_BENCH=1   skip a stage
-#   PYTHON        interpreter (default: python)
+#   PYTHON        interpreter (default: the first of python3, python that imports torch)
+#
+# On the device tool's machine (where $OUT is set) every stage's log is written
+# into $OUT while the stage runs, and the summary after each stage: a run cut
+# off at the tool's 10-minute limit still brings back everything so far.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-PYTHON="${PYTHON:-python}"
+if [[ -z "${PYTHON:-}" ]]; then
+  # The GPU machines' torch is in the interpreter that `python3` names there.
+  for c in python3 python; do
+    if command -v "$c" >/dev/null && "$c" -c "import torch" 2>/dev/null; then PYTHON="$c"; break; fi
+  done
+  PYTHON="${PYTHON:-python3}"
+fi
+export PYTHONUNBUFFERED=1
+OUT_DIR=""
+if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then OUT_DIR="$OUT"; fi
 RESULTS_DIR="${RESULTS_DIR:-benchmarks/results}"
 mkdir -p "$RESULTS_DIR"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
@@ -32,14 +45,19 @@ export MAX_JOBS="${MAX_JOBS:-$((NPROC < 8 ? NPROC : 8))}"
 export NVCC_THREADS="${NVCC_THREADS:-2}"
 
 status=0
-note() { echo "$*" | tee -a "$SUMMARY"; }
+# The summary goes back with every stage (at most 8 files come back from $OUT:
+# the summary, 4 stage logs and the benchmark's .md/.json/.png).
+sync_out() { if [[ -n "$OUT_DIR" ]]; then cp "$SUMMARY" "$OUT_DIR/" 2>/dev/null || true; fi; }
+note() { echo "$*" | tee -a "$SUMMARY"; sync_out; }
 
 # Runs a stage with its output in $PREFIX-<name>.log (and on the console).
 stage() {
   local name="$1"; shift
   local t0=$SECONDS rc
   echo "=== $name: $*"
-  "$@" 2>&1 | tee "$PREFIX-$name.log"
+  local logs=("$PREFIX-$name.log")
+  if [[ -n "$OUT_DIR" ]]; then logs+=("$OUT_DIR/gpu_check-$name.log"); fi
+  "$@" 2>&1 | tee "${logs[@]}"
   rc=${PIPESTATUS[0]}
   note "$name: exit $rc, $((SECONDS - t0)) s, log $PREFIX-$name.log"
   return "$rc"
@@ -51,8 +69,9 @@ stage() {
     || echo "nvidia-smi: not available"
   command -v nvcc >/dev/null && nvcc --version | tail -n 2 | head -n 1
   "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
-  echo "MAX_JOBS=$MAX_JOBS NVCC_THREADS=$NVCC_THREADS"
+  echo "PYTHON=$PYTHON MAX_JOBS=$MAX_JOBS NVCC_THREADS=$NVCC_THREADS"
 } 2>&1 | tee "$SUMMARY"
+sync_out
 
 if [[ "${SKIP_BUILD:-0}" != "1" ]]; then
   # --no-deps: the GPU machine has no network; torch is already there.
@@ -85,11 +104,10 @@ fi
 note "gpu_check: $([[ $status -eq 0 ]] && echo PASS || echo FAIL)"
 
 # On the device tool's machine, what is written under $OUT comes back (at most
-# 8 files): one archive of everything, plus the result table and summary.
-if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
-  tar czf "$OUT/gpu_check-$STAMP.tar.gz" -C "$RESULTS_DIR" .
-  cp "$SUMMARY" "$OUT/"
+# 8 files): the logs and summary are there already; add the benchmark's table.
+if [[ -n "$OUT_DIR" ]]; then
   find "$RESULTS_DIR" -maxdepth 1 -newer "$START_MARK" \( -name '*.md' -o -name '*.json' -o -name '*.png' \) \
-    -exec cp {} "$OUT/" \;
+    ! -name 'gpu_check-*' -exec cp {} "$OUT_DIR/" \;
 fi
+rm -f "$START_MARK"
 exit "$status"

@@ -15,6 +15,11 @@ from .models import Net, synthetic_batches
 
 
 def run_parity(updates: int, k: int, overflow_at: list[int], device: str, progress=None) -> dict:
+    if device == "cuda":
+        # Both loops must see the same gradients: nondeterministic conv-backward
+        # algorithms would make the comparison measure cuDNN, not this package.
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
     torch.manual_seed(0)
     ref_model = Net().to(device)
     our_model = copy.deepcopy(ref_model)
