@@ -44,8 +44,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
+
+# The GPU machines have no network to install it; `make test` (and CI) does.
+pytest.importorskip("hypothesis", reason="hypothesis is not installed (make test installs it)")
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from torch_fastaccum import AccumOptimizer, GradScaler
 

@@ -46,7 +46,13 @@ from torch.nn import Parameter
 from torch.optim import SGD
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-from torch.testing._internal.common_optimizers import (
+# torch's test helpers need expecttest (and numpy); the GPU machines have no
+# network to install them, `make test` (and CI) does.
+pytest.importorskip(
+    "torch.testing._internal.common_optimizers",
+    reason="torch's test helpers need expecttest and numpy (make test installs them)",
+)
+from torch.testing._internal.common_optimizers import (  # noqa: E402
     OptimizerErrorEnum,
     _get_optim_inputs_including_global_cliquey_kwargs,
     optim_db,
