@@ -112,6 +112,12 @@ def markdown(result: dict) -> str:
             cells = [f"{c['paths'][k].get('host_syncs', '?')} / {c['paths'][k].get('kernel_launches', '?')}"
                      for k in ("torch_default", "torch_fused", "fastaccum")]
             lines.append(f"| {c['case']} | " + " | ".join(cells) + " |")
+    orders = [c for c in result["speed"] if "reverse_order_speedup" in c]
+    if orders:
+        lines += ["", "Update pass order (reverse = read first what the check pass read last):", ""]
+        for c in orders:
+            lines.append(f"- {c['case']}: forward {c['paths']['fastaccum_forward_order']['ms']:.3f} ms, "
+                         f"reverse {c['paths']['fastaccum']['ms']:.3f} ms ({c['reverse_order_speedup']:.3f}x)")
     e = result.get("e2e")
     if e:
         lines += [

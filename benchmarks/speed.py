@@ -4,6 +4,7 @@ AccumOptimizer + torch_fastaccum.GradScaler, timed round-robin in one run."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -53,18 +54,30 @@ def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, war
     """Median step time of every path, measured interleaved so drift hits all alike."""
     setups = {p: _make(p, sizes, dtype, device, seed=7) for p in PATHS}
     timer = _timer(device)
-    samples = {p: [] for p in PATHS}
+    # (label, setup, FASTACCUM_CUDA_UPDATE_ORDER): on CUDA the fused path also
+    # runs with the update walking the lists forward, to measure whether the
+    # default reverse order (reading first what the check pass read last, still
+    # in L2) pays off. The kernels read the variable on every call.
+    runs = [(p, p, None) for p in PATHS]
+    if device == "cuda":
+        runs.append(("fastaccum_forward_order", "fastaccum", "forward"))
+    samples = {label: [] for label, _, _ in runs}
     for r in range(warmup + repeats):
-        for p in PATHS:
+        for label, p, order in runs:
             opt, scaler = setups[p]
 
             def step(opt=opt, scaler=scaler):
                 scaler.step(opt)
                 scaler.update()
 
-            t = timer(step)
+            if order is not None:
+                os.environ["FASTACCUM_CUDA_UPDATE_ORDER"] = order
+            try:
+                t = timer(step)
+            finally:
+                os.environ.pop("FASTACCUM_CUDA_UPDATE_ORDER", None)
             if r >= warmup:
-                samples[p].append(t)
+                samples[label].append(t)
     numel = sum(sizes)
     elem = torch.empty((), dtype=dtype).element_size()
     # Minimum traffic: grad read twice (check + update), param and momentum
@@ -72,7 +85,7 @@ def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, war
     min_bytes = 6 * elem * numel
     out = {"case": name, "tensors": len(sizes), "numel": numel, "dtype": str(dtype).replace("torch.", ""),
            "min_bytes": min_bytes, "paths": {}}
-    for p in PATHS:
+    for p in samples:
         med = statistics.median(samples[p])
         out["paths"][p] = {"ms": med * 1e3, "gbps": min_bytes / med / 1e9,
                            "min_ms": min(samples[p]) * 1e3, "samples": len(samples[p])}
@@ -85,6 +98,8 @@ def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, war
     ours = out["paths"]["fastaccum"]["ms"]
     out["speedup_vs_torch_default"] = out["paths"]["torch_default"]["ms"] / ours
     out["speedup_vs_torch_fused"] = out["paths"]["torch_fused"]["ms"] / ours
+    if "fastaccum_forward_order" in out["paths"]:
+        out["reverse_order_speedup"] = out["paths"]["fastaccum_forward_order"]["ms"] / ours
     del setups
     return out
 
