@@ -104,11 +104,9 @@ class GradScaler(torch.amp.GradScaler):
         state["stage"] = OptState.UNSCALED
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any):
-        if (
-            self._enabled
-            and isinstance(optimizer, AccumOptimizer)
-            and not optimizer.is_accumulation_boundary
-        ):
+        if not (self._enabled and isinstance(optimizer, AccumOptimizer)):
+            return super().step(optimizer, *args, **kwargs)
+        if not optimizer.is_accumulation_boundary:
             if "closure" in kwargs:
                 raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
             self._check_scale_growth_tracker("step")
@@ -119,8 +117,6 @@ class GradScaler(torch.amp.GradScaler):
             state["stage"] = OptState.STEPPED
             state[_ACCUMULATING] = True
             return retval
-        if not (self._enabled and isinstance(optimizer, AccumOptimizer)):
-            return super().step(optimizer, *args, **kwargs)
         try:
             return super().step(optimizer, *args, **kwargs)
         finally:

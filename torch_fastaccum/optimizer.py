@@ -441,7 +441,7 @@ class AccumOptimizer(Optimizer):
                 grads.append(_like(g, target))
         if momentum != 0:
             state = self.state
-            for i, (p, target) in enumerate(zip(b.params, params)):
+            for p, target in zip(b.params, params):
                 s = state[p]
                 buf = s.get(_MOMENTUM)
                 if buf is None:
@@ -456,8 +456,7 @@ class AccumOptimizer(Optimizer):
                         buf = s[_MOMENTUM] = buf.to(device=target.device, dtype=target.dtype)
                     if s[_STEP].device != target.device:
                         s[_STEP] = s[_STEP].to(target.device)
-                    if _like(buf, target) is not buf:
-                        buf = s[_MOMENTUM] = _like(buf, target)
+                    buf = s[_MOMENTUM] = _like(buf, target)
                 bufs.append(buf)
                 steps.append(s[_STEP])
         if not b.plain:
