@@ -100,4 +100,11 @@ FASTACCUM_HD V nonfinite_probe(V x) {
   return x * V(0);
 }
 
+// NaN test for scalars that needs neither <cmath>'s nor CUDA's isnan, so the
+// kernel headers read the same under nvcc and a host compiler.
+template <typename T>
+FASTACCUM_HD bool is_nan(T x) {
+  return x != x;
+}
+
 }  // namespace fastaccum

@@ -1,11 +1,13 @@
 // Device-side memory access of one chunk (see multi_tensor_apply.cuh): loads
 // a few parallel lists into registers in the math type, hands each element to
 // the op, stores back the lists the op changes. The ops keep only the math.
+// Device code for nvcc and for the host emulator alike (cuda_or_emulator.h).
 #pragma once
 
-#include <ATen/OpMathType.h>
-
 #include <cstdint>
+
+#include "cuda_or_emulator.h"
+#include "opmath.h"
 
 namespace fastaccum::cuda {
 
@@ -38,7 +40,7 @@ template <int kLists, typename scalar_t, typename Op>
 __device__ __forceinline__ void for_each_element(scalar_t* const (&ptrs)[kLists],
                                                  int64_t n, unsigned load,
                                                  unsigned store, Op& op) {
-  using op_t = at::opmath_type<scalar_t>;
+  using op_t = opmath_t<scalar_t>;
   constexpr int kVec = kVecBytes / sizeof(scalar_t);
   using VecT = Pack<scalar_t, kVec>;
 
@@ -96,25 +98,6 @@ __device__ __forceinline__ void for_each_element(scalar_t* const (&ptrs)[kLists]
       }
     }
   }
-}
-
-// Sum of `v` over the block, valid in thread 0. Every thread must call it.
-template <typename T>
-__device__ __forceinline__ T block_sum(T v) {
-  __shared__ T warp_sums[32];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const unsigned lane = threadIdx.x % 32u;
-  const unsigned warp = threadIdx.x / 32u;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    const unsigned warps = (blockDim.x + 31u) / 32u;
-    v = lane < warps ? warp_sums[lane] : T(0);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  }
-  return v;
 }
 
 }  // namespace fastaccum::cuda

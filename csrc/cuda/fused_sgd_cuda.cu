@@ -1,136 +1,47 @@
 // CUDA impl of fastaccum::fused_sgd_ (semantics: csrc/cpu/fused_sgd_cpu.cpp,
-// NOTE: [op contract] in csrc/ops.cpp; math: csrc/sgd_math.h). No host sync:
-// found_inf, grad_scale, a CUDA lr_tensor and the step counters are read by
-// the kernels, so the whole call can be captured in a CUDA graph.
-//
-// List order: params (written), grads, momentum_buffers (written; only when
-// momentum != 0, then depth 3 and one step counter per tensor).
+// NOTE: [op contract] in csrc/ops.cpp): argument checks, the scalars that live
+// on the host, dtype dispatch; the kernels and their launch sequence are
+// fused_sgd_kernel.cuh. No host sync: found_inf, grad_scale, a CUDA lr_tensor
+// and the step counters are read by the kernels, so the whole call can be
+// captured in a CUDA graph.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
 
 #include "../check_inputs.h"
-#include "../sgd_math.h"
-#include "chunk_loop.cuh"
-#include "multi_tensor_apply.cuh"
+#include "fused_sgd_kernel.cuh"
 
 namespace fastaccum::cuda {
 namespace {
 
-// Hyper-parameters as the host has them (doubles, as the schema passes them);
-// each block converts them to opmath exactly as the CPU impl does, after
-// reading the device scalars.
-struct SgdArgsDevice {
-  double lr;               // used when neither lr pointer is set
-  const float* lr_f32;     // a float32 CUDA lr_tensor
-  const double* lr_f64;    // any other CUDA lr_tensor, as float64
-  double weight_decay;
-  double momentum;
-  double one_minus_dampening;
-  double grad_factor;      // 1/K, times the scale reciprocal of a CPU scale
-  const float* grad_scale;  // CUDA loss scale, or nullptr
-  const float* found_inf;   // CUDA flag, or nullptr
-  bool nesterov;
-  bool maximize;
-};
-
-template <typename scalar_t, bool kMomentum>
-struct SgdFunctor {
-  SgdArgsDevice a;
-
-  template <typename Meta>
-  __device__ __forceinline__ void operator()(const Meta& meta, int slot,
-                                             int64_t start, int64_t n) const {
-    using op_t = at::opmath_type<scalar_t>;
-    // Set by an earlier launch on this stream (the check pass), so it is
-    // final for every block of every update launch.
-    if (a.found_inf != nullptr && *a.found_inf != 0.f) return;
-    const double lr = a.lr_f32 != nullptr   ? static_cast<double>(*a.lr_f32)
-                      : a.lr_f64 != nullptr ? *a.lr_f64
-                                            : a.lr;
-    double grad_mul = a.grad_factor;
-    if (a.grad_scale != nullptr)
-      grad_mul *= static_cast<double>(
-          static_cast<float>(1.0 / static_cast<double>(*a.grad_scale)));
-    const SgdHyper<op_t> h{static_cast<op_t>(lr),
-                           static_cast<op_t>(a.weight_decay),
-                           static_cast<op_t>(a.momentum),
-                           static_cast<op_t>(a.one_minus_dampening),
-                           static_cast<op_t>(grad_mul),
-                           a.nesterov,
-                           a.maximize,
-                           kMomentum,
-                           grad_mul != 1.0};
-    if constexpr (kMomentum) {
-      // Read here, advanced only by a later launch (see NOTE: [step
-      // counters]), so every block of a tensor, in whichever launch of this
-      // call, sees the value from before the call.
-      const bool first = *meta.steps[slot] == 0.f;
-      scalar_t* const ptrs[3] = {
-          static_cast<scalar_t*>(meta.addresses[0][slot]) + start,
-          static_cast<scalar_t*>(meta.addresses[1][slot]) + start,
-          static_cast<scalar_t*>(meta.addresses[2][slot]) + start};
-      auto op = [&](op_t (&r)[3]) {
-        r[0] = sgd_math<op_t, op_t>(r[0], r[1], r[2], first, h);
-      };
-      // A first update does not read the (possibly never written) buffer.
-      for_each_element<3>(ptrs, n, first ? 0b011u : 0b111u, 0b101u, op);
-    } else {
-      scalar_t* const ptrs[2] = {
-          static_cast<scalar_t*>(meta.addresses[0][slot]) + start,
-          static_cast<scalar_t*>(meta.addresses[1][slot]) + start};
-      auto op = [&](op_t (&r)[2]) {
-        op_t unused = op_t(0);
-        r[0] = sgd_math<op_t, op_t>(r[0], r[1], unused, false, h);
-      };
-      for_each_element<2>(ptrs, n, 0b11u, 0b01u, op);
-    }
-  }
-};
-
-// Step counters advanced per launch; the table is the kernel argument
-// (3.9 KB < 4 KB), as in NOTE: [by-value metadata].
-constexpr int kStepsPerLaunch = 480;
-struct StepList {
-  float* ptr[kStepsPerLaunch];
-  int count;
-};
-static_assert(sizeof(StepList) + sizeof(float*) <= kMaxKernelArgBytes);
-
-__global__ void advance_steps_kernel(const __grid_constant__ StepList list,
-                                     const float* found_inf) {
-  const int i = static_cast<int>(threadIdx.x);
-  if (i >= list.count) return;
-  if (found_inf != nullptr && *found_inf != 0.f) return;
-  // Atomic so that a counter listed twice is advanced twice, as on the CPU.
-  atomicAdd(list.ptr[i], 1.f);
+// Whether the update pass walks the lists last-to-first (see NOTE: [launch
+// plan]); the check pass always walks them first-to-last.
+// FASTACCUM_CUDA_UPDATE_ORDER=forward|reverse (default reverse) lets
+// benchmarks measure both without a rebuild; it is read on every call (tens
+// of ns), so a process can switch between runs.
+bool update_order_reversed() {
+  const char* env = std::getenv("FASTACCUM_CUDA_UPDATE_ORDER");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "reverse") == 0)
+    return true;
+  TORCH_CHECK(std::strcmp(env, "forward") == 0,
+              "FASTACCUM_CUDA_UPDATE_ORDER must be 'forward' or 'reverse', "
+              "got '", env, "'");
+  return false;
 }
 
-// NOTE: [step counters]
-// steps[i] == 0 selects b = g in the update, so no update block may see an
-// advanced counter: blocks of one tensor run unordered, and a tensor cut
-// between two launches is read by both. The counters are therefore advanced
-// by a separate launch after the last update launch, stream-ordered behind
-// all of them, and under the same found_inf condition. Its table holds 480
-// pointers per launch (10x what a depth-1 multi_tensor_apply launch would),
-// so this costs ceil(n / 480) tiny launches per call.
-void advance_steps(at::TensorList steps, const float* found_inf,
-                   cudaStream_t stream) {
-  StepList list{};
-  for (size_t begin = 0; begin < steps.size(); begin += kStepsPerLaunch) {
-    const size_t end = std::min(steps.size(), begin + kStepsPerLaunch);
-    list.count = static_cast<int>(end - begin);
-    for (size_t i = begin; i < end; ++i)
-      list.ptr[i - begin] = steps[i].mutable_data_ptr<float>();
-    advance_steps_kernel<<<1, kStepsPerLaunch, 0, stream>>>(list, found_inf);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+// Device addresses of a list, taken for writing or for reading only.
+std::vector<void*> addresses(at::TensorList list, bool written) {
+  std::vector<void*> out(list.size());
+  for (size_t i = 0; i < list.size(); ++i)
+    out[i] = written ? list[i].mutable_data_ptr()
+                     : const_cast<void*>(list[i].const_data_ptr());
+  return out;
 }
 
 void fused_sgd_cuda(at::TensorList params, at::TensorList grads,
@@ -196,23 +107,33 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads,
   }
 
   const bool reverse = update_order_reversed();
+  const std::vector<void*> param_ptrs = addresses(params, true);
+  const std::vector<void*> grad_ptrs = addresses(grads, false);
+  std::vector<void*> buf_ptrs;
+  std::vector<float*> step_ptrs;
+  if (has_momentum) {
+    buf_ptrs = addresses(momentum_buffers, true);
+    step_ptrs.resize(steps.size());
+    for (size_t i = 0; i < steps.size(); ++i)
+      step_ptrs[i] = steps[i].mutable_data_ptr<float>();
+  }
+  std::vector<int64_t> numels(params.size());
+  for (size_t i = 0; i < params.size(); ++i) numels[i] = params[i].numel();
+  SgdLists lists;
+  lists.count = params.size();
+  lists.params = param_ptrs.data();
+  lists.grads = grad_ptrs.data();
+  lists.momentum = has_momentum ? buf_ptrs.data() : nullptr;
+  lists.numels = numels.data();
+  lists.steps = has_momentum ? step_ptrs.data() : nullptr;
+
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream =
+      c10::cuda::getCurrentCUDAStream(device.index()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(),
-      "fastaccum_fused_sgd_cuda", [&] {
-        if (has_momentum) {
-          multi_tensor_apply<3, true>({params, grads, momentum_buffers}, steps,
-                                      0b101u, reverse,
-                                      SgdFunctor<scalar_t, true>{a});
-        } else {
-          multi_tensor_apply<2, false>({params, grads}, {}, 0b01u, reverse,
-                                       SgdFunctor<scalar_t, false>{a});
-        }
-      });
-  if (has_momentum) {
-    const c10::cuda::CUDAGuard guard(device);
-    advance_steps(steps, a.found_inf,
-                  c10::cuda::getCurrentCUDAStream(device.index()).stream());
-  }
+      "fastaccum_fused_sgd_cuda",
+      [&] { fused_sgd_launch<scalar_t>(lists, a, reverse, stream); });
 }
 
 }  // namespace

@@ -2,20 +2,18 @@
 // covers up to plan::kMaxBlocks chunks of up to max_tensors_for_depth(depth)
 // tensors, whatever their sizes, so a step costs O(list length / capacity)
 // launches instead of one per tensor.
+//
+// It works on plain addresses and element counts (TensorLists), not on
+// at::Tensor: the *_cuda.cu files turn tensors into addresses, and the host
+// emulator test (tests/emulator) drives this same planning, metadata fill and
+// launch with buffers of its own.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include <array>
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <vector>
 
+#include "cuda_or_emulator.h"
+#include "kernel_launch.h"
 #include "launch_plan.h"
 
 namespace fastaccum::cuda {
@@ -55,6 +53,18 @@ struct TensorListMeta {
   uint8_t block_to_slot[plan::kMaxBlocks];
 };
 
+// What the launcher is given: kDepth parallel lists of `count` device
+// addresses (list d, tensor t at addresses[d][t]), the element count of each
+// tensor (list 0's; the caller has checked that the lists match), and with
+// kWithSteps one float step counter per tensor.
+template <int kDepth>
+struct TensorLists {
+  size_t count = 0;
+  void* const* addresses[kDepth] = {};
+  const int64_t* numels = nullptr;
+  const float* const* steps = nullptr;
+};
+
 // NOTE: [one wave per launch]
 // A full launch is 320 blocks of 512 threads. At 2 resident blocks per SM
 // (what ~54 registers/thread allows) an H100 (132 SMs) runs 264 of them and
@@ -81,75 +91,34 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
   functor(meta, slot, start, n);
 }
 
-// Whether the update pass walks the lists last-to-first (see NOTE: [launch
-// plan]); the check pass always walks them first-to-last.
-// FASTACCUM_CUDA_UPDATE_ORDER=forward|reverse (default reverse) lets
-// benchmarks measure both without a rebuild; it is read on every call (tens
-// of ns), so a process can switch between runs.
-inline bool update_order_reversed() {
-  const char* env = std::getenv("FASTACCUM_CUDA_UPDATE_ORDER");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "reverse") == 0)
-    return true;
-  TORCH_CHECK(std::strcmp(env, "forward") == 0,
-              "FASTACCUM_CUDA_UPDATE_ORDER must be 'forward' or 'reverse', "
-              "got '", env, "'");
-  return false;
-}
-
-// Runs `functor` over kDepth parallel tensor lists (equal lengths, list 0
-// gives the numels; the caller has checked devices, dtypes and shapes).
-// Bit d of `written` says the kernel writes list d (its pointer is taken with
-// mutable_data_ptr, the others with const_data_ptr). `steps` is used only
-// with kWithSteps and then has the lists' length. Launches on the current
-// stream of the lists' device; nothing is launched for a list of empty
-// tensors.
+// Runs `functor` over the lists, launching on `stream`; nothing is launched
+// for a list of empty tensors.
 template <int kDepth, bool kWithSteps, typename Functor>
-void multi_tensor_apply(const std::array<at::TensorList, kDepth>& lists,
-                        at::TensorList steps, unsigned written, bool reverse,
-                        const Functor& functor) {
+void multi_tensor_apply(const TensorLists<kDepth>& lists, bool reverse,
+                        cudaStream_t stream, const Functor& functor) {
   using Meta = TensorListMeta<kDepth, kWithSteps>;
   static_assert(sizeof(Meta) + sizeof(Functor) <= kMaxKernelArgBytes,
                 "kernel arguments exceed the 4 KB limit");
-  const at::TensorList first = lists[0];
-  if (first.empty()) return;
-  for (int d = 1; d < kDepth; ++d)
-    TORCH_INTERNAL_ASSERT(lists[d].size() == first.size());
-  if constexpr (kWithSteps) TORCH_INTERNAL_ASSERT(steps.size() == first.size());
-
-  const c10::Device device = first[0].device();
-  TORCH_INTERNAL_ASSERT(device.is_cuda());
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream =
-      c10::cuda::getCurrentCUDAStream(device.index()).stream();
-
-  std::vector<int64_t> numels(first.size());
-  for (size_t t = 0; t < first.size(); ++t) numels[t] = first[t].numel();
+  if (lists.count == 0) return;
 
   Meta meta{};
   plan::for_each_launch(
-      numels, plan::capacity_for_depth(kDepth), reverse,
+      lists.numels, lists.count, plan::capacity_for_depth(kDepth), reverse,
       [&](const plan::Launch& launch) {
         for (size_t s = 0; s < launch.slots.size(); ++s) {
           const auto t = static_cast<size_t>(launch.slots[s].tensor);
-          for (int d = 0; d < kDepth; ++d) {
-            const at::Tensor& x = lists[d][t];
-            meta.addresses[d][s] =
-                ((written >> d) & 1u)
-                    ? x.mutable_data_ptr()
-                    : const_cast<void*>(x.const_data_ptr());
-          }
+          for (int d = 0; d < kDepth; ++d)
+            meta.addresses[d][s] = lists.addresses[d][t];
           meta.numel[s] = launch.slots[s].numel;
-          if constexpr (kWithSteps)
-            meta.steps[s] = steps[t].const_data_ptr<float>();
+          if constexpr (kWithSteps) meta.steps[s] = lists.steps[t];
         }
         for (size_t b = 0; b < launch.blocks.size(); ++b) {
           meta.block_to_slot[b] = static_cast<uint8_t>(launch.blocks[b].slot);
           meta.block_to_chunk[b] = launch.blocks[b].chunk;
         }
-        multi_tensor_kernel<Meta, Functor>
-            <<<static_cast<unsigned>(launch.blocks.size()), kBlockSize, 0,
-               stream>>>(meta, functor);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_kernel(&multi_tensor_kernel<Meta, Functor>,
+                      static_cast<unsigned>(launch.blocks.size()), kBlockSize,
+                      stream, meta, functor);
       });
 }
 

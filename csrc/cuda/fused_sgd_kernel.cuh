@@ -1,0 +1,174 @@
+// The fused SGD update on the GPU: its functor, the step-counter kernel and
+// the launch sequence of one call. Device code for nvcc and the host emulator
+// alike (cuda_or_emulator.h); the torch side (argument checks, scalars that
+// live on the host, dtype dispatch) is fused_sgd_cuda.cu. The CPU twin is
+// csrc/cpu/fused_sgd_cpu.cpp; the math of both is csrc/sgd_math.h; the test
+// of this file on the CPU is tests/emulator/test_fused_sgd_kernel.cpp.
+//
+// List order: params (written), grads, momentum_buffers (written; only when
+// momentum != 0, then depth 3 and one step counter per tensor).
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+#include "../sgd_math.h"
+#include "chunk_loop.cuh"
+#include "cuda_or_emulator.h"
+#include "kernel_launch.h"
+#include "multi_tensor_apply.cuh"
+#include "opmath.h"
+
+namespace fastaccum::cuda {
+
+// Hyper-parameters as the host has them (doubles, as the schema passes them);
+// each block converts them to opmath exactly as the CPU impl does, after
+// reading the device scalars.
+struct SgdArgsDevice {
+  double lr;               // used when neither lr pointer is set
+  const float* lr_f32;     // a float32 CUDA lr_tensor
+  const double* lr_f64;    // any other CUDA lr_tensor, as float64
+  double weight_decay;
+  double momentum;
+  double one_minus_dampening;
+  double grad_factor;       // 1/K, times the scale reciprocal of a CPU scale
+  const float* grad_scale;  // CUDA loss scale, or nullptr
+  const float* found_inf;   // CUDA flag, or nullptr
+  bool nesterov;
+  bool maximize;
+};
+
+template <typename scalar_t, bool kMomentum>
+struct SgdFunctor {
+  SgdArgsDevice a;
+
+  template <typename Meta>
+  __device__ __forceinline__ void operator()(const Meta& meta, int slot,
+                                             int64_t start, int64_t n) const {
+    using op_t = opmath_t<scalar_t>;
+    // Set by an earlier launch on this stream (the check pass), so it is
+    // final for every block of every update launch.
+    if (a.found_inf != nullptr && *a.found_inf != 0.f) return;
+    const double lr = a.lr_f32 != nullptr   ? static_cast<double>(*a.lr_f32)
+                      : a.lr_f64 != nullptr ? *a.lr_f64
+                                            : a.lr;
+    double grad_mul = a.grad_factor;
+    if (a.grad_scale != nullptr)
+      grad_mul *= static_cast<double>(
+          static_cast<float>(1.0 / static_cast<double>(*a.grad_scale)));
+    const SgdHyper<op_t> h{static_cast<op_t>(lr),
+                           static_cast<op_t>(a.weight_decay),
+                           static_cast<op_t>(a.momentum),
+                           static_cast<op_t>(a.one_minus_dampening),
+                           static_cast<op_t>(grad_mul),
+                           a.nesterov,
+                           a.maximize,
+                           kMomentum,
+                           grad_mul != 1.0};
+    if constexpr (kMomentum) {
+      // Read here, advanced only by a later launch (see NOTE: [step
+      // counters]), so every block of a tensor, in whichever launch of this
+      // call, sees the value from before the call.
+      const bool first = *meta.steps[slot] == 0.f;
+      scalar_t* const ptrs[3] = {
+          static_cast<scalar_t*>(meta.addresses[0][slot]) + start,
+          static_cast<scalar_t*>(meta.addresses[1][slot]) + start,
+          static_cast<scalar_t*>(meta.addresses[2][slot]) + start};
+      auto op = [&](op_t (&r)[3]) {
+        r[0] = sgd_math<op_t, op_t>(r[0], r[1], r[2], first, h);
+      };
+      // A first update does not read the (possibly never written) buffer.
+      for_each_element<3>(ptrs, n, first ? 0b011u : 0b111u, 0b101u, op);
+    } else {
+      scalar_t* const ptrs[2] = {
+          static_cast<scalar_t*>(meta.addresses[0][slot]) + start,
+          static_cast<scalar_t*>(meta.addresses[1][slot]) + start};
+      auto op = [&](op_t (&r)[2]) {
+        op_t unused = op_t(0);
+        r[0] = sgd_math<op_t, op_t>(r[0], r[1], unused, false, h);
+      };
+      for_each_element<2>(ptrs, n, 0b11u, 0b01u, op);
+    }
+  }
+};
+
+// Step counters advanced per launch; the table is the kernel argument
+// (3.9 KB < 4 KB), as in NOTE: [by-value metadata].
+inline constexpr int kStepsPerLaunch = 480;
+struct StepList {
+  float* ptr[kStepsPerLaunch];
+  int count;
+};
+static_assert(sizeof(StepList) + sizeof(float*) <= kMaxKernelArgBytes);
+
+__global__ void advance_steps_kernel(const __grid_constant__ StepList list,
+                                     const float* found_inf) {
+  const int i = static_cast<int>(threadIdx.x);
+  if (i >= list.count) return;
+  if (found_inf != nullptr && *found_inf != 0.f) return;
+  // Atomic so that a counter listed twice is advanced twice, as on the CPU.
+  atomicAdd(list.ptr[i], 1.f);
+}
+
+// NOTE: [step counters]
+// steps[i] == 0 selects b = g in the update, so no update block may see an
+// advanced counter: blocks of one tensor run unordered, and a tensor cut
+// between two launches is read by both. The counters are therefore advanced
+// by a separate launch after the last update launch, stream-ordered behind
+// all of them, and under the same found_inf condition. Its table holds 480
+// pointers per launch (10x what a depth-1 multi_tensor_apply launch would),
+// so this costs ceil(n / 480) tiny launches per call.
+inline void advance_steps(float* const* steps, size_t count,
+                          const float* found_inf, cudaStream_t stream) {
+  StepList list{};
+  for (size_t begin = 0; begin < count; begin += kStepsPerLaunch) {
+    const size_t end = std::min(count, begin + kStepsPerLaunch);
+    list.count = static_cast<int>(end - begin);
+    for (size_t i = begin; i < end; ++i) list.ptr[i - begin] = steps[i];
+    launch_kernel(&advance_steps_kernel, 1u,
+                  static_cast<unsigned>(kStepsPerLaunch), stream, list,
+                  found_inf);
+  }
+}
+
+// The device addresses of one fused_sgd_ call: `count` tensors per list,
+// list 0's numels; momentum and steps only when a.momentum != 0.
+struct SgdLists {
+  size_t count = 0;
+  void* const* params = nullptr;
+  void* const* grads = nullptr;
+  void* const* momentum = nullptr;
+  const int64_t* numels = nullptr;
+  float* const* steps = nullptr;
+};
+
+// All launches of one fused_sgd_ call on `stream`: the update (reversed or
+// not, see NOTE: [launch plan]), then, with momentum, the step counters.
+template <typename scalar_t>
+void fused_sgd_launch(const SgdLists& l, const SgdArgsDevice& a, bool reverse,
+                      cudaStream_t stream) {
+  if (l.count == 0) return;
+  if (a.momentum != 0.0) {
+    TensorLists<3> lists;
+    lists.count = l.count;
+    lists.addresses[0] = l.params;
+    lists.addresses[1] = l.grads;
+    lists.addresses[2] = l.momentum;
+    lists.numels = l.numels;
+    lists.steps = l.steps;
+    multi_tensor_apply<3, true>(lists, reverse, stream,
+                                SgdFunctor<scalar_t, true>{a});
+    advance_steps(l.steps, l.count, a.found_inf, stream);
+  } else {
+    TensorLists<2> lists;
+    lists.count = l.count;
+    lists.addresses[0] = l.params;
+    lists.addresses[1] = l.grads;
+    lists.numels = l.numels;
+    multi_tensor_apply<2, false>(lists, reverse, stream,
+                                 SgdFunctor<scalar_t, false>{a});
+  }
+}
+
+}  // namespace fastaccum::cuda

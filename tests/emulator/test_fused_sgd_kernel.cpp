@@ -1,0 +1,311 @@
+// The fused SGD CUDA kernels (csrc/cuda/fused_sgd_kernel.cuh), run by the
+// host emulator through the real launcher, against the sequential reference
+// of tests/emulator/reference.h, bit for bit. Built and run by
+// tests/test_cuda_kernels_emulated.py.
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../../csrc/cuda/fused_sgd_kernel.cuh"
+#include "harness.h"
+#include "plan_map.h"
+#include "reference.h"
+
+namespace {
+
+using namespace emutest;
+using fastaccum::cuda::SgdArgsDevice;
+using fastaccum::cuda::SgdLists;
+
+constexpr int64_t kChunk = fastaccum::plan::kChunkSize;
+
+struct TensorSpec {
+  int64_t n;
+  int misalign[3] = {0, 0, 0};  // params, grads, momentum buffers, in elements
+  float step = 3.f;             // 0: first real update, buffer NaN-filled
+  // Sparse tensors: only these chunks are filled, run and checked.
+  std::vector<int64_t> run_chunks = {};
+  bool sparse() const { return !run_chunks.empty(); }
+};
+
+struct Config {
+  const char* name;
+  double momentum, dampening, weight_decay;
+  bool nesterov, maximize;
+};
+
+const Config kConfigs[] = {
+    {"plain", 0.0, 0.0, 0.0, false, false},
+    {"wd_maximize", 0.0, 0.0, 0.1, false, true},
+    {"momentum", 0.9, 0.0, 0.0, false, false},
+    {"momentum_dampening_wd", 0.9, 0.2, 1e-2, false, false},
+    {"nesterov_wd_maximize", 0.8, 0.0, 1e-2, true, true},
+};
+
+enum class Lr { kScalar, kF32, kF64 };
+
+// Where the call's scalars come from. found_inf: -1 none, else its value.
+struct Scalars {
+  const char* name;
+  bool scale_on_device;
+  float scale;
+  double factor;  // 1/K times a host-folded scale reciprocal
+  Lr lr;
+  int found_inf;
+};
+
+const Scalars kScalars[] = {
+    {"none", false, 1.f, 1.0, Lr::kScalar, -1},
+    {"scale_lr32_found0", true, 3000.f, 0.25, Lr::kF32, 0},
+    {"lr64_factor", false, 1.f, 1.0 / 3.0, Lr::kF64, -1},
+    {"scale_factor_lr64", true, 65536.f, 0.125, Lr::kF64, 0},
+};
+const Scalars kSkip = {"found_inf", true, 1024.f, 0.25, Lr::kF32, 1};
+
+std::vector<std::pair<int64_t, int64_t>> ranges(const TensorSpec& s) {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  if (!s.sparse()) {
+    if (s.n > 0) out.push_back({0, s.n});
+    return out;
+  }
+  for (const int64_t c : s.run_chunks) out.push_back({c * kChunk, std::min(s.n, (c + 1) * kChunk)});
+  return out;
+}
+
+bool runs(const TensorSpec& s, int64_t chunk) {
+  if (!s.sparse()) return true;
+  for (const int64_t c : s.run_chunks)
+    if (c == chunk) return true;
+  return false;
+}
+
+// Compares one list of one tensor's range, reporting the first mismatch.
+template <typename T>
+void compare(const std::string& what, const T* got, const std::vector<T>& want, int64_t lo) {
+  int64_t bad = 0, first = -1;
+  for (size_t i = 0; i < want.size(); ++i)
+    if (!same_bits(got[i], want[i])) {
+      if (first < 0) first = static_cast<int64_t>(i);
+      ++bad;
+    }
+  if (bad > 0)
+    check(false, what + ": " + std::to_string(bad) + " element(s) differ, first at " +
+                     std::to_string(lo + first) + ": got " +
+                     std::to_string(as_double(got[first])) + ", want " +
+                     std::to_string(as_double(want[first])));
+}
+
+template <typename T>
+void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, const Config& c,
+             const Scalars& s, bool reverse, uint64_t seed) {
+  const bool momentum = c.momentum != 0.0;
+  const size_t count = specs.size();
+  Rng rng(seed);
+  std::vector<Buffer<T>> P, G, B;
+  std::vector<Scalar<float>> steps;
+  std::vector<int64_t> numels;
+  for (const TensorSpec& t : specs) {
+    P.emplace_back(t.n, t.misalign[0], t.sparse());
+    G.emplace_back(t.n, t.misalign[1], t.sparse());
+    if (momentum) B.emplace_back(t.n, t.misalign[2], t.sparse());
+    steps.emplace_back(t.step);
+    numels.push_back(t.n);
+  }
+
+  // Fill what runs, and keep a copy: the copy becomes the expected values.
+  struct Snapshot {
+    size_t tensor;
+    int64_t lo;
+    std::vector<T> p, g, b;
+  };
+  std::vector<Snapshot> snaps;
+  const T nan = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
+  for (size_t t = 0; t < count; ++t)
+    for (const auto& [lo, hi] : ranges(specs[t])) {
+      Snapshot snap{t, lo, {}, {}, {}};
+      snap.p.reserve(hi - lo);
+      snap.g.reserve(hi - lo);
+      snap.b.reserve(momentum ? hi - lo : 0);
+      for (int64_t i = lo; i < hi; ++i) {
+        P[t][i] = static_cast<T>(rng.value());
+        G[t][i] = static_cast<T>(rng.value(64.0));
+        snap.p.push_back(P[t][i]);
+        snap.g.push_back(G[t][i]);
+        if (momentum) {
+          // A buffer that was never written must not be read: NaN shows it.
+          B[t][i] = specs[t].step == 0.f ? nan : static_cast<T>(rng.value());
+          snap.b.push_back(B[t][i]);
+        }
+      }
+      snaps.push_back(std::move(snap));
+    }
+
+  const double lr = 0.05;
+  Scalar<float> scale(s.scale), found(s.found_inf > 0 ? 1.f : 0.f);
+  Scalar<float> lr32(static_cast<float>(lr));
+  Scalar<double> lr64(lr);
+  SgdArgsDevice a{lr,       nullptr,       nullptr,  c.weight_decay, c.momentum, 1.0 - c.dampening,
+                  s.factor, nullptr,       nullptr,  c.nesterov,     c.maximize};
+  if (s.lr == Lr::kF32) a.lr_f32 = lr32.ptr();
+  if (s.lr == Lr::kF64) a.lr_f64 = lr64.ptr();
+  if (s.scale_on_device) a.grad_scale = scale.ptr();
+  if (s.found_inf >= 0) a.found_inf = found.ptr();
+
+  std::vector<void*> pa(count), ga(count), ba(count, nullptr);
+  std::vector<float*> sa(count);
+  for (size_t t = 0; t < count; ++t) {
+    pa[t] = P[t].data();
+    ga[t] = G[t].data();
+    if (momentum) ba[t] = B[t].data();
+    sa[t] = steps[t].ptr();
+  }
+  SgdLists lists;
+  lists.count = count;
+  lists.params = pa.data();
+  lists.grads = ga.data();
+  lists.momentum = momentum ? ba.data() : nullptr;
+  lists.numels = numels.data();
+  lists.steps = momentum ? sa.data() : nullptr;
+
+  {
+    std::optional<ChunkFilter> filter;
+    bool any_sparse = false;
+    for (const TensorSpec& t : specs) any_sparse |= t.sparse();
+    if (any_sparse)
+      filter.emplace(numels, momentum ? 3 : 2, reverse,
+                     [&](int64_t t, int64_t chunk) { return runs(specs[t], chunk); });
+    fastaccum::cuda::fused_sgd_launch<T>(lists, a, reverse, nullptr);
+  }
+
+  const bool skipped = s.found_inf > 0;
+  const double lr_used = s.lr == Lr::kF32 ? static_cast<double>(static_cast<float>(lr)) : lr;
+  const auto h = sgd_hyper<T>(lr_used, c.weight_decay, c.momentum, c.dampening, c.nesterov,
+                              c.maximize, s.factor, s.scale_on_device ? scale.ptr() : nullptr);
+  for (Snapshot& snap : snaps) {
+    const size_t t = snap.tensor;
+    const std::vector<T> grads_before = snap.g;
+    if (!skipped)
+      sgd_reference(snap.p.data(), snap.g.data(), momentum ? snap.b.data() : nullptr, 0,
+                    static_cast<int64_t>(snap.p.size()), specs[t].step == 0.f, h);
+    const std::string where = label + " tensor " + std::to_string(t) + " (numel " +
+                              std::to_string(specs[t].n) + ")";
+    compare(where + " params", P[t].data() + snap.lo, snap.p, snap.lo);
+    compare(where + " grads (read-only)", G[t].data() + snap.lo, grads_before, snap.lo);
+    if (momentum) compare(where + " momentum", B[t].data() + snap.lo, snap.b, snap.lo);
+  }
+  for (size_t t = 0; t < count; ++t) {
+    const float want = (momentum && !skipped) ? specs[t].step + 1.f : specs[t].step;
+    check(steps[t].value() == want, label + " step counter " + std::to_string(t) + ": got " +
+                                        std::to_string(steps[t].value()) + ", want " +
+                                        std::to_string(want));
+  }
+}
+
+// Sizes around every boundary of the chunk loop: empty and one-element
+// tensors, vector packs and their tails, one and several chunks, and each
+// list misaligned by 1-3 elements on its own and all together.
+std::vector<TensorSpec> boundary_sizes() {
+  std::vector<TensorSpec> s = {
+      {0},          {1},          {7},
+      {8},          {3000},       {kChunk + 1},
+      {2 * kChunk + 5},
+      {1000, {1, 0, 0}},          {kChunk + 100, {0, 2, 0}},
+      {4099, {0, 0, 3}},          {2 * kChunk + 17, {3, 1, 2}},
+      {33, {2, 2, 2}},            {0},
+  };
+  for (size_t i = 0; i < s.size(); ++i) s[i].step = i % 3 == 0 ? 0.f : 3.f;
+  return s;
+}
+
+// More tensors than one launch holds at any depth, empties inside and at the
+// end, multi-chunk tensors that a launch boundary cuts, and more step
+// counters than one advance_steps launch takes.
+std::vector<TensorSpec> many_sizes(uint64_t seed, size_t n, float step) {
+  Rng rng(seed);
+  std::vector<TensorSpec> s;
+  for (size_t i = 0; i < n; ++i) {
+    TensorSpec t{1 + rng.below(300)};
+    t.misalign[0] = static_cast<int>(i % 4);
+    t.step = step < 0 ? (i % 2 ? 0.f : 5.f) : step;
+    s.push_back(t);
+  }
+  for (const size_t i : {3u, 50u, 111u}) s[i].n = 0;
+  s[20].n = 2 * kChunk + 3;
+  s[47].n = 3 * kChunk + 1;  // cut by the 48-slot limit of depth 3
+  s[115].n = kChunk + 1;
+  s.push_back({0});
+  return s;
+}
+
+template <typename T>
+void add_cases() {
+  const std::string dt = type_name<T>();
+  uint64_t seed = 100;
+  for (const Config& c : kConfigs)
+    for (const Scalars& s : kScalars) {
+      const bool reverse = (seed++ % 2) == 0;
+      const std::string name = "options/" + dt + "/" + c.name + "/" + s.name +
+                               (reverse ? "/reverse" : "/forward");
+      add_case(name, [=] { run_sgd<T>(name, boundary_sizes(), c, s, reverse, seed); });
+    }
+  for (const bool reverse : {false, true}) {
+    const std::string order = reverse ? "/reverse" : "/forward";
+    {
+      const std::string name = "first_update_nan_buffers/" + dt + order;
+      add_case(name, [=] {
+        run_sgd<T>(name, many_sizes(7, 130, 0.f), kConfigs[4], kScalars[1], reverse, 11);
+      });
+    }
+    {
+      const std::string name = "found_inf_skips_everything/" + dt + order;
+      add_case(name, [=] {
+        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kSkip, reverse, 12);
+        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kSkip, reverse, 13);
+      });
+    }
+    {
+      const std::string name = "many_tensors/" + dt + order;
+      add_case(name, [=] {
+        run_sgd<T>(name, many_sizes(8, 500, -1.f), kConfigs[3], kScalars[3], reverse, 14);
+      });
+    }
+    {
+      // One tensor of 322 chunks: the 320-block limit cuts it, and its
+      // first and last chunks run on both sides of the cut.
+      const std::string name = "block_limit_cut/" + dt + order;
+      add_case(name, [=] {
+        std::vector<TensorSpec> s = {{5}, {322 * kChunk - 9, {1, 0, 0}, 0.f, {0, 1, 2, 3, 316, 317, 318, 319, 320, 321}}, {77}};
+        run_sgd<T>(name, s, kConfigs[2], kScalars[1], reverse, 15);
+      });
+    }
+  }
+}
+
+// A tensor of more than 2^31 elements: chunk offsets in int64, the last
+// (partial) chunks run, the untouched rest costs no memory.
+template <typename T>
+void add_huge_cases() {
+  const std::string dt = type_name<T>();
+  const int64_t n = (int64_t{1} << 31) + 777;
+  const int64_t last = (n - 1) / kChunk;
+  for (const bool reverse : {false, true}) {
+    const std::string name = std::string("over_2^31_elements/") + dt + (reverse ? "/reverse" : "/forward");
+    add_case(name, [=] {
+      std::vector<TensorSpec> s = {{3}, {n, {0, 0, 0}, 0.f, {0, last - 2, last - 1, last}}, {11}};
+      run_sgd<T>(name, s, kConfigs[4], kScalars[1], reverse, 16);
+    });
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  emutest::for_each_dtype([](auto v) { add_cases<decltype(v)>(); });
+  add_huge_cases<float>();
+  add_huge_cases<c10::Half>();
+  return emutest::run_all(argc, argv);
+}
