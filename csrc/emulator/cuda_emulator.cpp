@@ -35,7 +35,7 @@ namespace {
 // (the launch copy and the kernel's parameter) plus sanitizer redzones; a
 // guard page below turns an overflow into a fault. Small on purpose: ASan
 // clears a stack's shadow on every switch to it.
-constexpr size_t kStackBytes = 32 * 1024;
+constexpr size_t kStackBytes = 64 * 1024;
 
 enum class State { kRunnable, kAtBlockBarrier, kAtWarpBarrier, kDone };
 

@@ -81,6 +81,10 @@ def build(root: Path = ROOT, programs=PROGRAMS, out_dir: Path | None = None, log
     exes = {name: out / name for name in programs}
     if all(p.exists() for p in exes.values()):
         return exes
+    if out_dir is None:  # builds of older sources are of no further use
+        for old in out.parent.glob("*"):
+            if old.is_dir() and old != out:
+                shutil.rmtree(old, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     common = [cxx, *FLAGS, "-isystem", include]
     jobs = {"cuda_emulator.o": [*common, "-c", str(root / RUNTIME), "-o", str(out / "cuda_emulator.o")]}

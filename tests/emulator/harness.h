@@ -7,6 +7,7 @@
 //   ./prog --list          list the cases
 //   ./prog --only SUBSTR   run the cases whose name contains SUBSTR
 //   ./prog --seed N        emulator seed (block order, thread interleaving)
+//   ./prog --fail-fast     stop after the first failing case
 //
 // Exit status: 0 when every check passed, 1 otherwise. A sanitizer finding or
 // an emulator abort (divergent barrier, deadlock) ends the program at once.
@@ -65,6 +66,7 @@ inline bool check(bool ok, const std::string& what) {
 inline int run_all(int argc, char** argv) {
   std::string only;
   uint64_t seed = 1;
+  bool fail_fast = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--list") {
@@ -74,8 +76,10 @@ inline int run_all(int argc, char** argv) {
       only = argv[++i];
     } else if (a == "--seed" && i + 1 < argc) {
       seed = std::strtoull(argv[++i], nullptr, 10);
+    } else if (a == "--fail-fast") {
+      fail_fast = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--list] [--only SUBSTR] [--seed N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--list] [--only SUBSTR] [--seed N] [--fail-fast]\n", argv[0]);
       return 2;
     }
   }
@@ -90,6 +94,7 @@ inline int run_all(int argc, char** argv) {
     failed_cases += !ok;
     std::printf("%s %s\n", ok ? "ok  " : "FAIL", c.name.c_str());
     std::fflush(stdout);
+    if (!ok && fail_fast) break;
   }
   std::printf("%d case(s), %d failed, %d failed check(s), seed %llu\n", ran,
               failed_cases, failures(), static_cast<unsigned long long>(seed));

@@ -1,0 +1,151 @@
+"""Shows that the emulator tests can fail: each mutation below breaks the
+kernel code the way a real bug would, in a copy of csrc/, and the emulator
+test program that covers it must then fail (a sanitizer finding, an emulator
+abort or a result that differs from the reference).
+
+    python tests/emulator/mutations.py            # all of them, 2 at a time
+    python tests/emulator/mutations.py --list
+    python tests/emulator/mutations.py missing_block_sum_barrier
+
+tests/test_cuda_emulator_mutations.py runs them under pytest. Exit status 0
+when every mutation was caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import build as emulator_build
+
+ROOT = emulator_build.ROOT
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    what: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once
+    new: str
+    program: str
+
+
+ADVANCE = "    advance_steps(l.steps, l.count, a.found_inf, stream);\n"
+UPDATE_CALL = "    multi_tensor_apply<3, true>(lists, reverse, stream,\n"
+
+MUTATIONS = [
+    Mutation(
+        "tail_load_bound",
+        "the strided tail loop loads element n (i <= n)",
+        "csrc/cuda/chunk_loop.cuh",
+        "r[k][d] = (i < n && ",
+        "r[k][d] = (i <= n && ",
+        "test_fused_sgd_kernel",
+    ),
+    Mutation(
+        "tail_store_bound",
+        "the strided tail loop updates and stores element n (i <= n)",
+        "csrc/cuda/chunk_loop.cuh",
+        "      if (i < n) {\n        op(r[k]);",
+        "      if (i <= n) {\n        op(r[k]);",
+        "test_fused_sgd_kernel",
+    ),
+    Mutation(
+        "missing_block_sum_barrier",
+        "block_sum reads the warp sums without waiting for them (__syncthreads removed)",
+        "csrc/cuda/block_reduce.cuh",
+        "  if (lane == 0) warp_sums[warp] = v;\n  __syncthreads();\n",
+        "  if (lane == 0) warp_sums[warp] = v;\n",
+        "test_nonfinite_check_kernel",
+    ),
+    Mutation(
+        "alignment_test_skipped",
+        "the 16-byte alignment test is skipped: misaligned lists take the vector path",
+        "csrc/cuda/chunk_loop.cuh",
+        "aligned &= reinterpret_cast<uintptr_t>(ptrs[d]) % kVecBytes == 0;",
+        "(void)ptrs;",
+        "test_fused_sgd_kernel",
+    ),
+    Mutation(
+        "steps_advanced_before_update",
+        "the step counters are advanced by a launch queued before the update",
+        "csrc/cuda/fused_sgd_kernel.cuh",
+        UPDATE_CALL,
+        ADVANCE + UPDATE_CALL,
+        "test_fused_sgd_kernel",
+    ),
+    Mutation(
+        "steps_advanced_inside_update",
+        "each tensor's first chunk advances its step counter inside the update kernel",
+        "csrc/cuda/fused_sgd_kernel.cuh",
+        "      const bool first = *meta.steps[slot] == 0.f;\n",
+        "      const bool first = *meta.steps[slot] == 0.f;\n"
+        "      if (start == 0 && threadIdx.x == 0) atomicAdd(const_cast<float*>(meta.steps[slot]), 1.f);\n",
+        "test_fused_sgd_kernel",
+    ),
+]
+
+
+def _copy_tree(dst: Path) -> None:
+    shutil.copytree(ROOT / "csrc", dst / "csrc")
+    shutil.copytree(ROOT / "tests" / "emulator", dst / "tests" / "emulator",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def apply(m: Mutation, root: Path) -> None:
+    p = root / m.path
+    text = p.read_text()
+    if text.count(m.old) != 1:
+        raise RuntimeError(f"{m.name}: the text to mutate occurs {text.count(m.old)} times in {m.path} "
+                           "(expected once); update the mutation with the code")
+    p.write_text(text.replace(m.old, m.new))
+    if m.name == "steps_advanced_inside_update":  # and no separate launch
+        p.write_text(p.read_text().replace(ADVANCE, ""))
+
+
+def run(m: Mutation) -> tuple[bool, str]:
+    """Builds the mutant and runs its program; (caught, evidence)."""
+    with tempfile.TemporaryDirectory(prefix=f"fastaccum_mutant_{m.name}_") as tmp:
+        root = Path(tmp)
+        _copy_tree(root)
+        apply(m, root)
+        exes = emulator_build.build(root, programs=(m.program,), out_dir=root / "build", log=lambda *_: None)
+        rc, output = emulator_build.finish(emulator_build.start(exes[m.program], ["--fail-fast"]))
+    if rc == 0:
+        return False, "the program passed:\n" + output[-2000:]
+    keep = [line for line in output.splitlines()
+            if any(k in line for k in ("FAIL", "ERROR", "runtime error", "CUDA emulator", "SUMMARY"))]
+    return True, f"exit {rc}: " + " | ".join(keep[:4])[:600]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    ap.add_argument("--list", action="store_true")
+    a = ap.parse_args(argv)
+    if a.list:
+        for m in MUTATIONS:
+            print(f"{m.name}: {m.what}")
+        return 0
+    chosen = [m for m in MUTATIONS if not a.names or m.name in a.names]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+        results = list(pool.map(run, chosen))
+    missed = 0
+    for m, (caught, evidence) in zip(chosen, results):
+        missed += not caught
+        print(f"{'caught' if caught else 'MISSED'} {m.name} ({m.what}): {evidence}")
+    print(f"{len(chosen) - missed}/{len(chosen)} mutations caught in {time.perf_counter() - t0:.0f} s")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
