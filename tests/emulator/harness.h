@@ -214,6 +214,44 @@ class Buffer {
   bool sparse_ = false;
 };
 
+// One list of tensors in "device" memory. Separate: each tensor its own
+// Buffer (an overrun hits ASan's redzone). Flat: all of them views into one
+// allocation, back to back, each `misalign` elements after the previous
+// one's end, as in a flattened parameter buffer: alignments follow from the
+// sizes, and an overrun lands in the next tensor, whose values then differ
+// from the reference's.
+template <typename T>
+class TensorMemory {
+ public:
+  struct Spec {
+    int64_t n;
+    int misalign;
+    bool sparse;
+  };
+  TensorMemory(const std::vector<Spec>& specs, bool flat) {
+    if (flat) {
+      int64_t total = 0;
+      for (const Spec& s : specs) total += s.misalign + s.n;
+      storage_.emplace_back(total, 0);
+      int64_t offset = 0;
+      for (const Spec& s : specs) {
+        ptrs_.push_back(storage_[0].data() + offset + s.misalign);
+        offset += s.misalign + s.n;
+      }
+    } else {
+      for (const Spec& s : specs) {
+        storage_.emplace_back(s.n, s.misalign, s.sparse);
+        ptrs_.push_back(storage_.back().data());
+      }
+    }
+  }
+  T* operator[](size_t t) const { return ptrs_[t]; }
+
+ private:
+  std::vector<Buffer<T>> storage_;
+  std::vector<T*> ptrs_;
+};
+
 // A device scalar (found_inf, grad_scale, a lr tensor, a step counter): its
 // own allocation, so a stray neighbouring write is an ASan error too.
 template <typename T>

@@ -101,20 +101,21 @@ void compare(const std::string& what, const T* got, const std::vector<T>& want, 
 
 template <typename T>
 void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, const Config& c,
-             const Scalars& s, bool reverse, uint64_t seed) {
+             const Scalars& s, bool reverse, uint64_t seed, bool flat = false) {
   const bool momentum = c.momentum != 0.0;
   const size_t count = specs.size();
   Rng rng(seed);
-  std::vector<Buffer<T>> P, G, B;
+  using Memory = TensorMemory<T>;
+  std::vector<typename Memory::Spec> list_specs[3];
   std::vector<Scalar<float>> steps;
   std::vector<int64_t> numels;
   for (const TensorSpec& t : specs) {
-    P.emplace_back(t.n, t.misalign[0], t.sparse());
-    G.emplace_back(t.n, t.misalign[1], t.sparse());
-    if (momentum) B.emplace_back(t.n, t.misalign[2], t.sparse());
+    for (int d = 0; d < 3; ++d) list_specs[d].push_back({t.n, t.misalign[d], t.sparse()});
     steps.emplace_back(t.step);
     numels.push_back(t.n);
   }
+  const Memory P(list_specs[0], flat), G(list_specs[1], flat);
+  const Memory B(momentum ? list_specs[2] : std::vector<typename Memory::Spec>{}, flat);
 
   // Fill what runs, and keep a copy: the copy becomes the expected values.
   struct Snapshot {
@@ -158,9 +159,9 @@ void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, con
   std::vector<void*> pa(count), ga(count), ba(count, nullptr);
   std::vector<float*> sa(count);
   for (size_t t = 0; t < count; ++t) {
-    pa[t] = P[t].data();
-    ga[t] = G[t].data();
-    if (momentum) ba[t] = B[t].data();
+    pa[t] = P[t];
+    ga[t] = G[t];
+    if (momentum) ba[t] = B[t];
     sa[t] = steps[t].ptr();
   }
   SgdLists lists;
@@ -193,9 +194,9 @@ void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, con
                     static_cast<int64_t>(snap.p.size()), specs[t].step == 0.f, h);
     const std::string where = label + " tensor " + std::to_string(t) + " (numel " +
                               std::to_string(specs[t].n) + ")";
-    compare(where + " params", P[t].data() + snap.lo, snap.p, snap.lo);
-    compare(where + " grads (read-only)", G[t].data() + snap.lo, grads_before, snap.lo);
-    if (momentum) compare(where + " momentum", B[t].data() + snap.lo, snap.b, snap.lo);
+    compare(where + " params", P[t] + snap.lo, snap.p, snap.lo);
+    compare(where + " grads (read-only)", G[t] + snap.lo, grads_before, snap.lo);
+    if (momentum) compare(where + " momentum", B[t] + snap.lo, snap.b, snap.lo);
   }
   for (size_t t = 0; t < count; ++t) {
     const float want = (momentum && !skipped) ? specs[t].step + 1.f : specs[t].step;
@@ -258,6 +259,13 @@ void add_cases() {
       const std::string name = "first_update_nan_buffers/" + dt + order;
       add_case(name, [=] {
         run_sgd<T>(name, many_sizes(7, 130, 0.f), kConfigs[4], kScalars[1], reverse, 11);
+      });
+    }
+    {
+      const std::string name = "flat_buffer_views/" + dt + order;
+      add_case(name, [=] {
+        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kScalars[1], reverse, 17, /*flat=*/true);
+        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kScalars[2], reverse, 18, true);
       });
     }
     {

@@ -55,15 +55,16 @@ bool runs(const TensorSpec& s, int64_t chunk) {
 
 template <typename T>
 void run_check(const std::string& label, const std::vector<TensorSpec>& specs, const Mode& m,
-               const std::vector<Plant>& plants, bool want_sumsq, uint64_t seed) {
+               const std::vector<Plant>& plants, bool want_sumsq, uint64_t seed, bool flat = false) {
   const size_t count = specs.size();
   Rng rng(seed);
-  std::vector<Buffer<T>> G;
+  std::vector<typename TensorMemory<T>::Spec> list_spec;
   std::vector<int64_t> numels;
   for (const TensorSpec& t : specs) {
-    G.emplace_back(t.n, t.misalign, t.sparse());
+    list_spec.push_back({t.n, t.misalign, t.sparse()});
     numels.push_back(t.n);
   }
+  const TensorMemory<T> G(list_spec, flat);
   // Values of every chunk that runs, by (tensor, chunk).
   struct ChunkData {
     size_t tensor;
@@ -82,7 +83,7 @@ void run_check(const std::string& label, const std::vector<TensorSpec>& specs, c
   for (const Plant& p : plants) G[p.tensor][p.index] = static_cast<T>(p.value);
   for (ChunkData& c : chunks) {
     const int64_t hi = std::min(specs[c.tensor].n, c.lo + kChunk);
-    c.before.assign(G[c.tensor].data() + c.lo, G[c.tensor].data() + hi);
+    c.before.assign(G[c.tensor] + c.lo, G[c.tensor] + hi);
   }
 
   Scalar<float> found(0.f), sumsq(0.5f), scale(m.scale);  // sumsq adds to what is there
@@ -92,7 +93,7 @@ void run_check(const std::string& label, const std::vector<TensorSpec>& specs, c
   a.grad_scale = m.scale_on_device ? scale.ptr() : nullptr;
   a.factor = m.factor;
   std::vector<void*> ptrs(count);
-  for (size_t t = 0; t < count; ++t) ptrs[t] = G[t].data();
+  for (size_t t = 0; t < count; ++t) ptrs[t] = G[t];
 
   fastaccum::emu::clear_atomic_log();
   fastaccum::emu::set_atomic_logging(true);
@@ -110,7 +111,7 @@ void run_check(const std::string& label, const std::vector<TensorSpec>& specs, c
   bool any_nonfinite = false;
   std::vector<float> want_partials;
   for (const ChunkData& c : chunks) {
-    const T* now = G[c.tensor].data() + c.lo;
+    const T* now = G[c.tensor] + c.lo;
     // The device address's alignment decides the kernel's order of additions.
     const bool vector_path = reinterpret_cast<uintptr_t>(now) % fastaccum::cuda::kVecBytes == 0;
     const auto exact = check_block_reference<T>(c.before.data(), static_cast<int64_t>(c.before.size()),
@@ -221,6 +222,9 @@ void add_cases() {
       const std::string label = base + "/" + name;
       add_case(label, [=] { run_check<T>(label, boundary_sizes(), *m, {plant}, true, 23); });
     }
+    add_case(base + "/flat_buffer_views", [=] {
+      run_check<T>(base + "/flat_buffer_views", boundary_sizes(), *m, {}, true, 29, /*flat=*/true);
+    });
     add_case(base + "/many_tensors_later_launch", [=] {
       run_check<T>(base + "/many_tensors_later_launch", many_sizes(5), *m, {{125, 0, -inf}}, true, 24);
     });
