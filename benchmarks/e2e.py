@@ -15,7 +15,13 @@ from torch_fastaccum import AccumOptimizer, GradScaler
 from .models import Net, synthetic_batches
 
 
-def time_e2e(device: str, k: int, blocks: int, block_updates: int) -> dict:
+def time_e2e(device: str, k: int, blocks: int, block_updates: int,
+             deadline: float | None = None, clock=time.perf_counter) -> dict:
+    """Median ms per micro-batch of both loops over `blocks` timed blocks.
+
+    With a `deadline` (a `clock` value) the warm-up block is timed first and
+    only as many blocks as end before the deadline are timed; when not one
+    fits, the result has "skipped" (the reason) and no timings."""
     data = [(x.to(device), y.to(device)) for x, y in synthetic_batches(k * block_updates, 64, seed=3)]
     loss_fn = nn.CrossEntropyLoss()
     hyper = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -52,7 +58,19 @@ def time_e2e(device: str, k: int, blocks: int, block_updates: int) -> dict:
 
     loops = {"torch_default": reference(), "fastaccum": ours()}
     samples = {name: [] for name in loops}
-    for b in range(blocks + 1):
+    planned = blocks
+    t_warm = clock()
+    for b in range(planned + 1):
+        if deadline is not None and b == 1:
+            now = clock()
+            per_block = now - t_warm  # the warm-up block: an upper bound of a timed one
+            blocks = min(planned, int(max(0.0, deadline - now) // max(per_block, 1e-9)))
+            if blocks < 1:
+                return {"skipped": f"time budget: the warm-up block took {per_block:.1f} s and "
+                                   f"{max(0.0, deadline - now):.1f} s were left",
+                        "blocks_planned": planned, "blocks": 0}
+        if b > blocks:
+            break
         for name, run in loops.items():
             sync()
             t0 = time.perf_counter()
@@ -61,6 +79,8 @@ def time_e2e(device: str, k: int, blocks: int, block_updates: int) -> dict:
             if b > 0:  # block 0 warms up
                 samples[name].append((time.perf_counter() - t0) / len(data))
     out = {"accumulation_steps": k, "micro_batch": 64, "micro_batches_per_block": len(data), "blocks": blocks}
+    if deadline is not None:
+        out.update(blocks_planned=planned, cut_by_budget=blocks < planned)
     for name, s in samples.items():
         out[name + "_ms_per_micro_batch"] = statistics.median(s) * 1e3
     out["speedup"] = out["torch_default_ms_per_micro_batch"] / out["fastaccum_ms_per_micro_batch"]

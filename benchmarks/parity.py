@@ -5,6 +5,7 @@ AccumOptimizer + torch_fastaccum.GradScaler, with injected overflows."""
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 from torch import nn
@@ -14,7 +15,12 @@ from torch_fastaccum import AccumOptimizer, GradScaler
 from .models import Net, synthetic_batches
 
 
-def run_parity(updates: int, k: int, overflow_at: list[int], device: str, progress=None) -> dict:
+def run_parity(updates: int, k: int, overflow_at: list[int], device: str, progress=None,
+               deadline: float | None = None, clock=time.perf_counter) -> dict:
+    """Both loops on the same micro-batches; the verdict compares parameters,
+    skip decisions and scale histories. With a `deadline` (a `clock` value)
+    the run stops at the end of the first window that ends past it and judges
+    the windows it ran ("updates" < "updates_planned", "cut_by_budget")."""
     if device == "cuda":
         # Both loops must see the same gradients: nondeterministic conv-backward
         # algorithms would make the comparison measure cuDNN, not this package.
@@ -65,14 +71,19 @@ def run_parity(updates: int, k: int, overflow_at: list[int], device: str, progre
             window_ref = window_our = 0.0
             if progress:
                 progress(len(rec["ref_loss"]), updates)
+            if deadline is not None and len(rec["ref_loss"]) < updates and clock() > deadline:
+                break
+    done = len(rec["ref_loss"])
+    micro_batches = done * k
     max_diff = max((a - b).abs().max().item() for a, b in zip(ref_model.parameters(), our_model.parameters()))
     max_abs = max(a.abs().max().item() for a in ref_model.parameters())
     loss_diff = max(abs(a - b) for a, b in zip(rec["ref_loss"], rec["our_loss"]))
-    return {
-        "updates": updates,
+    out = {
+        "updates": done,
         "accumulation_steps": k,
-        "micro_batches": len(data),
-        "overflow_micro_batches": sorted(overflow),
+        "micro_batches": micro_batches,
+        # (a run cut by the budget lists the overflows it reached)
+        "overflow_micro_batches": sorted(i for i in overflow if deadline is None or i < micro_batches),
         "max_param_abs_diff": max_diff,
         "max_param_abs": max_abs,
         "skips_identical": rec["ref_skipped"] == rec["our_skipped"],
@@ -89,3 +100,6 @@ def run_parity(updates: int, k: int, overflow_at: list[int], device: str, progre
             and max_diff <= 1e-6 + 1e-5 * max_abs
         ),
     }
+    if deadline is not None:
+        out.update(updates_planned=updates, cut_by_budget=done < updates)
+    return out

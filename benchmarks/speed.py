@@ -12,6 +12,8 @@ import torch
 
 from torch_fastaccum import AccumOptimizer, GradScaler
 
+from .budget import MIN_REPEATS, repeats_that_fit
+
 PATHS = ("torch_default", "torch_fused", "fastaccum")
 
 
@@ -50,8 +52,14 @@ def _timer(device: str):
     return run
 
 
-def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, warmup: int = 3) -> dict:
-    """Median step time of every path, measured interleaved so drift hits all alike."""
+def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, warmup: int = 3,
+              deadline: float | None = None, reserve_s: float = 0.0, clock=time.perf_counter) -> dict:
+    """Median step time of every path, measured interleaved so drift hits all alike.
+
+    With a `deadline` (a `clock` value), the case runs its warm-up and
+    MIN_REPEATS timed rounds, then only as many more of the `repeats` as end
+    `reserve_s` before the deadline; out["budget"] says how many it took."""
+    t_start = clock()
     setups = {p: _make(p, sizes, dtype, device, seed=7) for p in PATHS}
     timer = _timer(device)
     # (label, setup, FASTACCUM_CUDA_UPDATE_ORDER): on CUDA the fused path also
@@ -62,7 +70,19 @@ def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, war
     if device == "cuda":
         runs.append(("fastaccum_forward_order", "fastaccum", "forward"))
     samples = {label: [] for label, _, _ in runs}
+    taken = repeats
+    min_repeats = min(repeats, MIN_REPEATS)
+    t_timed = min_part_s = None
     for r in range(warmup + repeats):
+        if r == warmup:
+            t_timed = clock()
+        if deadline is not None and r == warmup + min_repeats:
+            now = clock()
+            min_part_s = now - t_start
+            per_round = (now - t_timed) / min_repeats
+            taken = repeats_that_fit(repeats, min_repeats, per_round, now + reserve_s, deadline)
+        if r >= warmup + taken:
+            break
         for label, p, order in runs:
             opt, scaler = setups[p]
 
@@ -89,12 +109,25 @@ def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, war
         med = statistics.median(samples[p])
         out["paths"][p] = {"ms": med * 1e3, "gbps": min_bytes / med / 1e9,
                            "min_ms": min(samples[p]) * 1e3, "samples": len(samples[p])}
+    t_counts = clock()
+    if min_part_s is None:  # every planned round was part of the minimum
+        min_part_s = t_counts - t_start
     if device == "cuda":
         try:
             for path, counts in count_syncs_and_launches(sizes, dtype, device).items():
                 out["paths"][path].update(counts)
         except Exception as e:  # the timings stand without the counts
             out["count_error"] = f"{type(e).__name__}: {e}"
+    if deadline is not None:
+        counts_s = clock() - t_counts
+        out["budget"] = {
+            "repeats_planned": repeats,
+            "repeats_taken": taken,
+            "cut_by_budget": taken < repeats,
+            "min_part_s": round(min_part_s + counts_s, 3),
+            "counts_s": round(counts_s, 3),
+            "case_s": round(clock() - t_start, 3),
+        }
     ours = out["paths"]["fastaccum"]["ms"]
     out["speedup_vs_torch_default"] = out["paths"]["torch_default"]["ms"] / ours
     out["speedup_vs_torch_fused"] = out["paths"]["torch_fused"]["ms"] / ours
