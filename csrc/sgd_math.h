@@ -93,6 +93,13 @@ FASTACCUM_HD V sgd_math(V p, V g, V& b, bool first, const SgdHyper<opmath_t>& h)
   return fmadd(g, V(opmath_t(0) - h.lr), p);  // torch: param.add_(grad, alpha=-lr)
 }
 
+// The unscale factor of a loss scale, as torch's GradScaler.unscale_ forms
+// it: float(1 / double(scale)), widened back to double so that callers can
+// fold 1/K into it before the one conversion to the math type.
+FASTACCUM_HD double loss_scale_reciprocal(float scale) {
+  return static_cast<double>(static_cast<float>(1.0 / static_cast<double>(scale)));
+}
+
 // x * 0 is 0 for every finite x and NaN for +-inf and NaN, so a running sum of
 // it is NaN iff some element was not finite; branch-free and vectorisable.
 template <typename V>

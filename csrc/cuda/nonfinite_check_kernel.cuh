@@ -43,9 +43,7 @@ struct CheckFunctor {
     if constexpr (kWrite) {
       double m = a.factor;
       if (a.grad_scale != nullptr)
-        m = static_cast<double>(
-                static_cast<float>(1.0 / static_cast<double>(*a.grad_scale))) *
-            a.factor;
+        m = loss_scale_reciprocal(*a.grad_scale) * a.factor;
       mul = static_cast<op_t>(m);
     }
     const bool want_sumsq = a.sumsq != nullptr;

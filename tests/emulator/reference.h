@@ -24,8 +24,7 @@ SgdHyper<opmath_t<T>> sgd_hyper(double lr, double weight_decay, double momentum,
                                 double factor, const float* scale) {
   using op_t = opmath_t<T>;
   double grad_mul = factor;
-  if (scale != nullptr)
-    grad_mul *= static_cast<double>(static_cast<float>(1.0 / static_cast<double>(*scale)));
+  if (scale != nullptr) grad_mul *= fastaccum::loss_scale_reciprocal(*scale);
   return {static_cast<op_t>(lr),
           static_cast<op_t>(weight_decay),
           static_cast<op_t>(momentum),
@@ -57,8 +56,7 @@ void sgd_reference(T* p, const T* g, T* b, int64_t begin, int64_t end, bool firs
 template <typename T>
 opmath_t<T> check_mul(double factor, const float* scale) {
   double m = factor;
-  if (scale != nullptr)
-    m = static_cast<double>(static_cast<float>(1.0 / static_cast<double>(*scale))) * factor;
+  if (scale != nullptr) m = fastaccum::loss_scale_reciprocal(*scale) * factor;
   return static_cast<opmath_t<T>>(m);
 }
 
