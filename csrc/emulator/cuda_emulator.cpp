@@ -138,7 +138,6 @@ void to_scheduler(bool fiber_done) {
   __sanitizer_finish_switch_fiber(f->fake_stack, &e.scheduler_stack_bottom,
                                   &e.scheduler_stack_size);
 #endif
-  (void)fiber_done;
 }
 
 void resume(Fiber& f) {

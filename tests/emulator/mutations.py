@@ -23,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import build as emulator_build
+import programs as emulator_programs
 
-ROOT = emulator_build.ROOT
+ROOT = emulator_programs.ROOT
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,8 @@ def run(m: Mutation) -> tuple[bool, str]:
         root = Path(tmp)
         _copy_tree(root)
         apply(m, root)
-        exes = emulator_build.build(root, programs=(m.program,), out_dir=root / "build", log=lambda *_: None)
-        rc, output = emulator_build.finish(emulator_build.start(exes[m.program], ["--fail-fast"]))
+        exes = emulator_programs.build(root, programs=(m.program,), out_dir=root / "build", log=lambda *_: None)
+        rc, output = emulator_programs.finish(emulator_programs.start(exes[m.program], ["--fail-fast"]))
     if rc == 0:
         return False, "the program passed:\n" + output[-2000:]
     keep = [line for line in output.splitlines()

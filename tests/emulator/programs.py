@@ -6,8 +6,8 @@ AddressSanitizer and UndefinedBehaviorSanitizer, every finding fatal. Builds
 are cached under build/emulator/<hash of flags and sources>, so a second run
 with nothing changed starts at once.
 
-    python tests/emulator/build.py            # build, then run every program
-    python tests/emulator/build.py --only test_fused_sgd_kernel -- --only fp16
+    python tests/emulator/programs.py            # build, then run every program
+    python tests/emulator/programs.py --only test_fused_sgd_kernel -- --only fp16
 
 tests/test_cuda_kernels_emulated.py runs them under pytest (and so in CI).
 """
