@@ -179,7 +179,8 @@ status=0
 # The summary goes to $OUT after every stage.
 sync_summary() { if [[ -n "$OUT_DIR" ]]; then cp "$SUMMARY" "$OUT_DIR/gpu_check-$CMD-summary.txt" 2>/dev/null || true; fi; }
 note() { echo "$*" | tee -a "$SUMMARY"; sync_summary; }
-# Copies a finished file to $OUT under a name of its own.
+# Copies a finished file to $OUT under a name of its own (the stage logs are
+# there already: stage() writes them to $OUT as they grow).
 to_out() { if [[ -n "$OUT_DIR" && -f "$1" ]]; then cp "$1" "$OUT_DIR/$2" 2>/dev/null || true; fi; }
 
 # stage NAME CAP HELD_BACK CMD...: runs CMD under `timeout` with the limit
@@ -272,7 +273,6 @@ sanitize() {  # sanitize TOOL HELD_BACK
     "$SANITIZER" --tool "$tool" --error-exitcode 86 \
     "$PYTHON" -m pytest -p no:cacheprovider -q -o addopts="" "${tests[@]}"
   rc=$?
-  to_out "$log" "gpu_check-$tool.log"
   if ((rc == 0)); then
     note "$tool: no errors reported ($(grep -h 'ERROR SUMMARY' "$log" | tail -n 1))"
     return 0
@@ -291,7 +291,6 @@ run_test() {
   local held=$((B_KERNELS + B_PYTEST + B_MEMCHECK + B_RACECHECK))
   stage build "$B_BUILD" "$held" "${BUILD[@]}"
   local rc=$?
-  to_out "$PREFIX-build.log" gpu_check-build.log
   if ((rc != 0)); then
     note "build failed: no tests run"
     return 1
@@ -299,7 +298,6 @@ run_test() {
   held=$((B_PYTEST + B_MEMCHECK + B_RACECHECK))
   stage cuda_kernels "$B_KERNELS" "$held" "$PYTHON" -c "$KERNEL_CHECK"
   rc=$?
-  to_out "$PREFIX-cuda_kernels.log" gpu_check-cuda_kernels.log
   if ((rc != 0)); then
     note "no CUDA kernels: no tests run"
     return 1
@@ -316,7 +314,6 @@ run_test() {
   held=$((B_MEMCHECK + B_RACECHECK))
   stage pytest "$NO_CAP" "$held" "$PYTHON" -m pytest -p no:cacheprovider -v -ra \
     --junitxml="$PREFIX-pytest-junit.xml" "${extra[@]}" "${sel[@]}" || status=1
-  to_out "$PREFIX-pytest.log" gpu_check-pytest.log
   to_out "$PREFIX-pytest-junit.xml" gpu_check-pytest-junit.xml
   local result
   result="$(grep -E '(passed|failed|error|skipped|deselected).* in [0-9.]+s' "$PREFIX-pytest.log" | tail -n 1)"
@@ -339,23 +336,19 @@ run_bench() {
   sync_summary
   stage cuda_kernels "$B_KERNELS" 0 "$PYTHON" -c "$KERNEL_CHECK"
   local rc=$?
-  to_out "$PREFIX-cuda_kernels.log" gpu_check-cuda_kernels.log
   if ((rc != 0)); then
     note "no CUDA kernels (a fresh machine?): building them first"
     # Held back: the second check and the smallest benchmark worth running.
     stage build "$B_BUILD" "$((B_KERNELS + BENCH_MARGIN + 25))" "${BUILD[@]}"
     rc=$?
-    to_out "$PREFIX-build.log" gpu_check-build.log
     if ((rc != 0)); then
       note "build failed: no benchmark"
       return 1
     fi
     stage cuda_kernels "$B_KERNELS" 0 "$PYTHON" -c "$KERNEL_CHECK" || {
-      to_out "$PREFIX-cuda_kernels.log" gpu_check-cuda_kernels.log
       note "no CUDA kernels after the build: no benchmark"
       return 1
     }
-    to_out "$PREFIX-cuda_kernels.log" gpu_check-cuda_kernels.log
   fi
   local left=$((DEADLINE - SECONDS - 5))
   local budget=$((left - BENCH_MARGIN))
@@ -369,7 +362,6 @@ run_bench() {
   note "bench: --time-budget $budget (of ${left} s left)"
   stage bench "$NO_CAP" 5 "$PYTHON" -m benchmarks --device cuda --out "$RESULTS_DIR" \
     --time-budget "$budget" "${extra[@]}" || status=1
-  to_out "$PREFIX-bench.log" gpu_check-bench.log
   local f n=0
   while IFS= read -r f; do
     to_out "$f" "$(basename "$f")"

@@ -16,6 +16,7 @@
 
 #include "../check_inputs.h"
 #include "fused_sgd_kernel.cuh"
+#include "tensor_addresses.h"
 
 namespace fastaccum::cuda {
 namespace {
@@ -33,15 +34,6 @@ bool update_order_reversed() {
               "FASTACCUM_CUDA_UPDATE_ORDER must be 'forward' or 'reverse', "
               "got '", env, "'");
   return false;
-}
-
-// Device addresses of a list, taken for writing or for reading only.
-std::vector<void*> addresses(at::TensorList list, bool written) {
-  std::vector<void*> out(list.size());
-  for (size_t i = 0; i < list.size(); ++i)
-    out[i] = written ? list[i].mutable_data_ptr()
-                     : const_cast<void*>(list[i].const_data_ptr());
-  return out;
 }
 
 void fused_sgd_cuda(at::TensorList params, at::TensorList grads,
@@ -117,14 +109,13 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads,
     for (size_t i = 0; i < steps.size(); ++i)
       step_ptrs[i] = steps[i].mutable_data_ptr<float>();
   }
-  std::vector<int64_t> numels(params.size());
-  for (size_t i = 0; i < params.size(); ++i) numels[i] = params[i].numel();
+  const std::vector<int64_t> sizes = numels(params);
   SgdLists lists;
   lists.count = params.size();
   lists.params = param_ptrs.data();
   lists.grads = grad_ptrs.data();
   lists.momentum = has_momentum ? buf_ptrs.data() : nullptr;
-  lists.numels = numels.data();
+  lists.numels = sizes.data();
   lists.steps = has_momentum ? step_ptrs.data() : nullptr;
 
   const c10::cuda::CUDAGuard guard(device);

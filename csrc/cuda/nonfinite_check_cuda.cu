@@ -13,6 +13,7 @@
 
 #include "../check_inputs.h"
 #include "nonfinite_check_kernel.cuh"
+#include "tensor_addresses.h"
 
 namespace fastaccum::cuda {
 namespace {
@@ -35,13 +36,8 @@ void check_impl(at::TensorList grads, const at::Tensor& found_inf,
   a.found_inf = found_inf.mutable_data_ptr<float>();
   a.grad_scale = grad_scale;
   a.factor = factor;
-  std::vector<void*> ptrs(grads.size());
-  std::vector<int64_t> numels(grads.size());
-  for (size_t i = 0; i < grads.size(); ++i) {
-    ptrs[i] = write ? grads[i].mutable_data_ptr()
-                    : const_cast<void*>(grads[i].const_data_ptr());
-    numels[i] = grads[i].numel();
-  }
+  const std::vector<void*> ptrs = addresses(grads, write);
+  const std::vector<int64_t> sizes = numels(grads);
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream =
       c10::cuda::getCurrentCUDAStream(device.index()).stream();
@@ -49,7 +45,7 @@ void check_impl(at::TensorList grads, const at::Tensor& found_inf,
       at::kHalf, at::kBFloat16, grads[0].scalar_type(),
       "fastaccum_check_cuda", [&] {
         nonfinite_check_launch<scalar_t>(grads.size(), ptrs.data(),
-                                         numels.data(), a, write, stream);
+                                         sizes.data(), a, write, stream);
       });
 }
 

@@ -79,12 +79,9 @@ void nonfinite_check_launch(size_t count, void* const* grads,
   if (write) {
     multi_tensor_apply<1, false>(lists, /*reverse=*/false, stream,
                                  CheckFunctor<scalar_t, true>{a});
-  } else {
-    CheckArgs read_only = a;
-    read_only.grad_scale = nullptr;
-    read_only.factor = 1.0;
+  } else {  // grad_scale and factor are unused: nothing is unscaled
     multi_tensor_apply<1, false>(lists, /*reverse=*/false, stream,
-                                 CheckFunctor<scalar_t, false>{read_only});
+                                 CheckFunctor<scalar_t, false>{a});
   }
 }
 

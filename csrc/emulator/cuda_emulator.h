@@ -233,17 +233,13 @@ inline float atomicExch(float* a, float v) {
 inline unsigned atomicExch(unsigned* a, unsigned v) {
   return atomic_rmw_<unsigned>(a, v, [](unsigned, unsigned y) { return y; });
 }
-inline unsigned atomicCAS(unsigned* a, unsigned compare, unsigned v) {
+// atomicCAS for the types CUDA has it for.
+template <typename T, typename = std::enable_if_t<std::is_same_v<T, int> ||
+                                                  std::is_same_v<T, unsigned> ||
+                                                  std::is_same_v<T, unsigned long long>>>
+T atomicCAS(T* a, T compare, T v) {
   fastaccum::emu::preempt();
-  const unsigned old = *a;
-  if (old == compare) *a = v;
-  return old;
-}
-inline unsigned long long atomicCAS(unsigned long long* a,
-                                    unsigned long long compare,
-                                    unsigned long long v) {
-  fastaccum::emu::preempt();
-  const unsigned long long old = *a;
+  const T old = *a;
   if (old == compare) *a = v;
   return old;
 }

@@ -135,6 +135,22 @@ double as_double(const T& v) {
 }
 inline double as_double(const double& v) { return v; }
 
+// Checks got[i] == want[i] bit for bit (element lo + i of a tensor), and
+// reports how many differ and the first of them.
+template <typename T>
+void compare_bits(const std::string& what, const T* got, const std::vector<T>& want, int64_t lo) {
+  int64_t bad = 0, first = -1;
+  for (size_t i = 0; i < want.size(); ++i)
+    if (!same_bits(got[i], want[i])) {
+      if (first < 0) first = static_cast<int64_t>(i);
+      ++bad;
+    }
+  if (bad > 0)
+    check(false, what + ": " + std::to_string(bad) + " element(s) differ, first at " +
+                     std::to_string(lo + first) + ": got " + std::to_string(as_double(got[first])) +
+                     ", want " + std::to_string(as_double(want[first])));
+}
+
 // ---- random data ----------------------------------------------------------------
 
 // splitmix64: fast enough to fill millions of elements under the sanitizers.

@@ -83,22 +83,6 @@ bool runs(const TensorSpec& s, int64_t chunk) {
   return false;
 }
 
-// Compares one list of one tensor's range, reporting the first mismatch.
-template <typename T>
-void compare(const std::string& what, const T* got, const std::vector<T>& want, int64_t lo) {
-  int64_t bad = 0, first = -1;
-  for (size_t i = 0; i < want.size(); ++i)
-    if (!same_bits(got[i], want[i])) {
-      if (first < 0) first = static_cast<int64_t>(i);
-      ++bad;
-    }
-  if (bad > 0)
-    check(false, what + ": " + std::to_string(bad) + " element(s) differ, first at " +
-                     std::to_string(lo + first) + ": got " +
-                     std::to_string(as_double(got[first])) + ", want " +
-                     std::to_string(as_double(want[first])));
-}
-
 template <typename T>
 void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, const Config& c,
              const Scalars& s, bool reverse, uint64_t seed, bool flat = false) {
@@ -188,15 +172,14 @@ void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, con
                               c.maximize, s.factor, s.scale_on_device ? scale.ptr() : nullptr);
   for (Snapshot& snap : snaps) {
     const size_t t = snap.tensor;
-    const std::vector<T> grads_before = snap.g;
     if (!skipped)
       sgd_reference(snap.p.data(), snap.g.data(), momentum ? snap.b.data() : nullptr, 0,
                     static_cast<int64_t>(snap.p.size()), specs[t].step == 0.f, h);
     const std::string where = label + " tensor " + std::to_string(t) + " (numel " +
                               std::to_string(specs[t].n) + ")";
-    compare(where + " params", P[t] + snap.lo, snap.p, snap.lo);
-    compare(where + " grads (read-only)", G[t] + snap.lo, grads_before, snap.lo);
-    if (momentum) compare(where + " momentum", B[t] + snap.lo, snap.b, snap.lo);
+    compare_bits(where + " params", P[t] + snap.lo, snap.p, snap.lo);
+    compare_bits(where + " grads (read-only)", G[t] + snap.lo, snap.g, snap.lo);
+    if (momentum) compare_bits(where + " momentum", B[t] + snap.lo, snap.b, snap.lo);
   }
   for (size_t t = 0; t < count; ++t) {
     const float want = (momentum && !skipped) ? specs[t].step + 1.f : specs[t].step;
