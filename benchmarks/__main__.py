@@ -92,30 +92,35 @@ def markdown(result: dict) -> str:
         "",
         "## Optimizer step with a scaler (`scaler.step(opt); scaler.update()`), median",
         "",
-        f"Copy bandwidth measured in this run: {result['copy_gbps']:.1f} GB/s. GB/s below counts the "
-        "minimum traffic (24 B per fp32 parameter: grad read twice, param and momentum read and written).",
+        f"Copy bandwidth measured in this run: {result['copy_gbps']:.1f} GB/s. GB/s below counts each "
+        "path's minimum traffic per fp32 parameter: grad read twice, param and momentum read and written "
+        "(24 B), plus the unscaled grad written back (28 B) where `.grad` ends as torch leaves it: torch's "
+        "paths and fastaccum's default; `grad_writeback=False` leaves the scaled grad (24 B). "
+        "Loss scale 1 + 2^-10, so every step unscales.",
         "",
-        "| case | torch default ms | torch fused ms | fastaccum ms | vs default | vs fused | fastaccum GB/s | % of copy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | torch default ms | torch fused ms | fastaccum ms (28 B) | vs default | vs fused "
+        "| fastaccum GB/s | % of copy | `grad_writeback=False` ms (24 B) | its GB/s | write-back cost |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in result["speed"]:
-        d, f, o = (c["paths"][k] for k in ("torch_default", "torch_fused", "fastaccum"))
+        d, f, o, n = (c["paths"][k] for k in ("torch_default", "torch_fused", "fastaccum", "fastaccum_no_writeback"))
         lines.append(
             f"| {c['case']} | {d['ms']:.3f} | {f['ms']:.3f} | {o['ms']:.3f} | "
             f"{c['speedup_vs_torch_default']:.2f}x | {c['speedup_vs_torch_fused']:.2f}x | "
-            f"{o['gbps']:.1f} | {100 * o['gbps'] / result['copy_gbps']:.0f}% |"
+            f"{o['gbps']:.1f} | {100 * o['gbps'] / result['copy_gbps']:.0f}% | "
+            f"{n['ms']:.3f} | {n['gbps']:.1f} | {c['writeback_cost']:.2f}x |"
         )
     if any("host_syncs" in c["paths"]["fastaccum"] for c in result["speed"]):
         lines += [
             "",
             "Host syncs / kernel launches per step (sync debug mode, profiler):",
             "",
-            "| case | torch default | torch fused | fastaccum |",
-            "|---|---:|---:|---:|",
+            "| case | torch default | torch fused | fastaccum | `grad_writeback=False` |",
+            "|---|---:|---:|---:|---:|",
         ]
         for c in result["speed"]:
             cells = [f"{c['paths'][k].get('host_syncs', '?')} / {c['paths'][k].get('kernel_launches', '?')}"
-                     for k in ("torch_default", "torch_fused", "fastaccum")]
+                     for k in ("torch_default", "torch_fused", "fastaccum", "fastaccum_no_writeback")]
             lines.append(f"| {c['case']} | " + " | ".join(cells) + " |")
     orders = [c for c in result["speed"] if "reverse_order_speedup" in c]
     if orders:

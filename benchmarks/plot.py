@@ -27,12 +27,12 @@ def write_png(result: dict, path: str) -> str | None:
     ax = axes[1]
     if speed:
         names = [c["case"] for c in speed]
-        paths = ["torch_default", "torch_fused", "fastaccum"]
-        labels = ["torch SGD (foreach)", "torch SGD fused=True", "fastaccum"]
-        width = 0.27
+        paths = ["torch_default", "torch_fused", "fastaccum", "fastaccum_no_writeback"]
+        labels = ["torch SGD (foreach)", "torch SGD fused=True", "fastaccum", "fastaccum grad_writeback=False"]
+        width = 0.2
         for j, (key, label) in enumerate(zip(paths, labels)):
             ys = [c["paths"][key]["ms"] / c["paths"]["torch_default"]["ms"] for c in speed]
-            ax.bar([i + (j - 1) * width for i in range(len(names))], ys, width, label=label)
+            ax.bar([i + (j - 1.5) * width for i in range(len(names))], ys, width, label=label)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=15, ha="right", fontsize=8)
         ax.set_yscale("log")

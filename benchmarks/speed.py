@@ -1,6 +1,8 @@
 """Speed: one optimizer step with a scaler (scaler.step(opt); scaler.update()),
 torch SGD default (foreach) / fused=True + torch.amp.GradScaler against
-AccumOptimizer + torch_fastaccum.GradScaler, timed round-robin in one run."""
+AccumOptimizer + torch_fastaccum.GradScaler in both `.grad` modes (the default
+writes the unscaled grad back, as torch leaves it; `grad_writeback=False`
+keeps the scaled one), timed round-robin in one run."""
 
 from __future__ import annotations
 
@@ -14,7 +16,17 @@ from torch_fastaccum import AccumOptimizer, GradScaler
 
 from .budget import MIN_REPEATS, repeats_that_fit
 
-PATHS = ("torch_default", "torch_fused", "fastaccum")
+PATHS = ("torch_default", "torch_fused", "fastaccum", "fastaccum_no_writeback")
+# Bytes each path must move per element: grad read twice (check + update),
+# param and momentum read and written; and the grad written back unscaled,
+# which torch's paths and our default do and the opt-out does not (28/24 B
+# per fp32 parameter).
+ACCESSES = {"torch_default": 7, "torch_fused": 7, "fastaccum": 7, "fastaccum_no_writeback": 6,
+            "fastaccum_forward_order": 7}
+# A loss scale that is not 1, so every step really unscales (at 1.0 the kernels
+# skip the multiply and the write); this close to 1 the grads, unscaled again
+# on every timed step, stay normal floats for thousands of steps.
+SCALE = 1.0 + 2.0**-10
 
 
 def _make(path: str, sizes: list[int], dtype, device: str, seed: int):
@@ -25,12 +37,12 @@ def _make(path: str, sizes: list[int], dtype, device: str, seed: int):
         p.grad = torch.randn(n, generator=g).to(device=device, dtype=dtype)
         params.append(p)
     hyper = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    if path == "fastaccum":
-        opt = AccumOptimizer(params, **hyper)
-        scaler = GradScaler(device, init_scale=1.0)
+    if path.startswith("fastaccum"):
+        opt = AccumOptimizer(params, grad_writeback=path == "fastaccum", **hyper)
+        scaler = GradScaler(device, init_scale=SCALE)
     else:
         opt = torch.optim.SGD(params, fused=(path == "torch_fused"), **hyper)
-        scaler = torch.amp.GradScaler(device, init_scale=1.0)
+        scaler = torch.amp.GradScaler(device, init_scale=SCALE)
     scaler.scale(torch.ones((), device=device))  # initialises the scale tensor
     return opt, scaler
 
@@ -100,15 +112,14 @@ def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, war
                 samples[label].append(t)
     numel = sum(sizes)
     elem = torch.empty((), dtype=dtype).element_size()
-    # Minimum traffic: grad read twice (check + update), param and momentum
-    # read and written: 6 accesses of one element each (24 B at fp32).
-    min_bytes = 6 * elem * numel
     out = {"case": name, "tensors": len(sizes), "numel": numel, "dtype": str(dtype).replace("torch.", ""),
-           "min_bytes": min_bytes, "paths": {}}
+           "min_bytes": 7 * elem * numel, "paths": {}}
     for p in samples:
         med = statistics.median(samples[p])
-        out["paths"][p] = {"ms": med * 1e3, "gbps": min_bytes / med / 1e9,
-                           "min_ms": min(samples[p]) * 1e3, "samples": len(samples[p])}
+        min_bytes = ACCESSES[p] * elem * numel  # see ACCESSES
+        out["paths"][p] = {"ms": med * 1e3, "gbps": min_bytes / med / 1e9, "min_bytes": min_bytes,
+                           "min_ms": min(samples[p]) * 1e3, "samples": len(samples[p]),
+                           "spread": (max(samples[p]) - min(samples[p])) / med}
     t_counts = clock()
     if min_part_s is None:  # every planned round was part of the minimum
         min_part_s = t_counts - t_start
@@ -131,6 +142,7 @@ def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, war
     ours = out["paths"]["fastaccum"]["ms"]
     out["speedup_vs_torch_default"] = out["paths"]["torch_default"]["ms"] / ours
     out["speedup_vs_torch_fused"] = out["paths"]["torch_fused"]["ms"] / ours
+    out["writeback_cost"] = ours / out["paths"]["fastaccum_no_writeback"]["ms"]
     if "fastaccum_forward_order" in out["paths"]:
         out["reverse_order_speedup"] = out["paths"]["fastaccum_forward_order"]["ms"] / ours
     del setups

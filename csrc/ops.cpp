@@ -41,15 +41,18 @@ TORCH_LIBRARY(fastaccum, m) {
   m.def(
       "unscale_check_(Tensor(a!)[] grads, Tensor(b!) found_inf, "
       "Tensor grad_scale, *, float factor=1.0, Tensor(c!)? sumsq=None) -> ()");
-  // The fused SGD update (see sgd_math.h). Returns without touching anything
-  // when found_inf is set. momentum_buffers and steps are empty when
-  // momentum == 0. lr_tensor, when given, overrides lr.
+  // The fused SGD update (see sgd_math.h). Returns without touching params,
+  // buffers or steps when found_inf is set. momentum_buffers and steps are
+  // empty when momentum == 0. lr_tensor, when given, overrides lr. With
+  // write_grads, every grad is left as g * grad_mul (the unscaled grad the
+  // update used; also on a skipped step, as torch's GradScaler leaves it).
   m.def(
-      "fused_sgd_(Tensor(a!)[] params, Tensor[] grads, "
+      "fused_sgd_(Tensor(a!)[] params, Tensor(d!)[] grads, "
       "Tensor(b!)[] momentum_buffers, Tensor(c!)[] steps, *, float lr, "
       "Tensor? lr_tensor=None, float weight_decay, float momentum, "
       "float dampening, bool nesterov, bool maximize, float grad_factor=1.0, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "bool write_grads=False) -> ()");
   // Which CPU kernel build runs here ("default" or "avx2"), for benchmarks
   // and tests; FASTACCUM_CPU_CAPABILITY overrides the choice.
   m.def("_cpu_capability() -> str",

@@ -69,11 +69,19 @@ struct SgdHyper {
   bool scale_grad;  // grad_mul != 1: skip the multiply otherwise (exact parity)
 };
 
-// One SGD update of a register tile. `b` is read unless `first`, and written
-// whenever the hyper-parameters have momentum.
+// The gradient SGD sees: the stored (accumulated, scaled) one times grad_mul.
+// It is also what the reference loop leaves in .grad after its step (the
+// unscaled mean), so the kernels write it back when asked to.
+template <typename V, typename opmath_t>
+FASTACCUM_HD V unscaled_grad(V g, const SgdHyper<opmath_t>& h) {
+  return h.scale_grad ? g * V(h.grad_mul) : g;
+}
+
+// One SGD update of a register tile, from g = unscaled_grad(stored grad).
+// `b` is read unless `first`, and written whenever the hyper-parameters have
+// momentum.
 template <typename V, typename opmath_t>
 FASTACCUM_HD V sgd_math(V p, V g, V& b, bool first, const SgdHyper<opmath_t>& h) {
-  if (h.scale_grad) g = g * V(h.grad_mul);
   if (h.maximize) g = V(opmath_t(0)) - g;
   // torch: grad.add(param, alpha=wd)
   if (h.weight_decay != opmath_t(0)) g = fmadd(p, V(h.weight_decay), g);

@@ -130,6 +130,10 @@ class Trace:
     # ours only: scale observed after every micro-batch update()
     micro_scales: list = dataclasses.field(default_factory=list)
     losses: list = dataclasses.field(default_factory=list)
+    # one entry per boundary: .grad right after the step (None where unset)
+    grads_after: list = dataclasses.field(default_factory=list)
+    # one entry per boundary when clipping: the total norm clip_grad_norm_ returned
+    norms: list = dataclasses.field(default_factory=list)
 
 
 def _inject(model, i, inject, where):
@@ -143,8 +147,18 @@ def _inject(model, i, inject, where):
         p.grad.view(-1)[0] = val
 
 
-def _loss(model, x, y, loss_fn, sign, i, inject):
-    loss = loss_fn(model(x), y) * sign
+def _grads(model):
+    return [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+
+
+def _loss(model, x, y, loss_fn, sign, i, inject, autocast=None, penalty=None):
+    if autocast is None:
+        loss = loss_fn(model(x), y) * sign
+    else:
+        with torch.autocast(x.device.type, dtype=autocast):
+            loss = loss_fn(model(x), y) * sign
+    if penalty is not None:
+        loss = loss + penalty(model)
     kind = inject.get(i) if inject else None
     if kind == "loss_inf":
         loss = loss * float("inf")
@@ -176,10 +190,14 @@ def run_ours(
     before_micro: Callable | None = None,
     trace: Trace | None = None,
     start: int = 0,
+    autocast: torch.dtype | None = None,
+    penalty: Callable | None = None,
 ):
     """AccumOptimizer loop: every micro-batch zero_grad/backward/step, loss not divided.
 
-    ``start`` is the global index of batches[0] (for resumed runs)."""
+    ``start`` is the global index of batches[0] (for resumed runs). ``autocast``:
+    the forward's autocast dtype; ``penalty(model)`` is added to every loss.
+    Clipping without a scaler uses ``opt.clip_grad_norm_``."""
     if opt is None:
         opt = AccumOptimizer(model.parameters(), accumulation_steps=K, **(opt_kwargs or {}))
     sched = scheduler_fn(opt) if scheduler_fn else None
@@ -192,7 +210,7 @@ def run_ours(
             before_micro(i, model, opt)
         opt.zero_grad()
         with opt.accumulate(model):
-            loss = _loss(model, x, y, loss_fn, sign, i, inject)
+            loss = _loss(model, x, y, loss_fn, sign, i, inject, autocast, penalty)
             trace.losses.append(loss.item())
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -204,7 +222,7 @@ def run_ours(
             if clip is not None and opt.is_accumulation_boundary:
                 scaler.unscale_(opt)
                 trace.unscaled_grads.append([p.grad.detach().clone() for p in model.parameters()])
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                trace.norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
             scaler.step(opt)
             scaler.update()
             trace.micro_scales.append(scaler.get_scale())
@@ -215,8 +233,10 @@ def run_ours(
                 assert scaler.get_scale() == before, f"scale changed inside a window at micro-batch {i}"
         else:
             if clip is not None and opt.is_accumulation_boundary:
-                raise ValueError("clip without scaler is not used in these tests")
+                trace.norms.append(opt.clip_grad_norm_(clip))
             opt.step()
+        if boundary:
+            trace.grads_after.append(_grads(model))
         if boundary and sched is not None:
             sched.step()
     return opt, trace
@@ -237,6 +257,8 @@ def run_ref(
     scheduler_fn: Callable | None = None,
     trace: Trace | None = None,
     start: int = 0,
+    autocast: torch.dtype | None = None,
+    penalty: Callable | None = None,
 ):
     """Reference: torch.optim.SGD default path, ``(loss / K).backward()``,
     step (+ scaler step/update) and zero_grad only at boundaries."""
@@ -249,7 +271,7 @@ def run_ref(
     for j, (x, y) in enumerate(batches):
         i = start + j
         boundary = (i + 1) % K == 0
-        loss = _loss(model, x, y, loss_fn, sign, i, inject)
+        loss = _loss(model, x, y, loss_fn, sign, i, inject, autocast, penalty)
         trace.losses.append(loss.item())
         loss = loss / K
         if scaler is not None:
@@ -263,12 +285,15 @@ def run_ref(
                 if clip is not None:
                     scaler.unscale_(opt)
                     trace.unscaled_grads.append([p.grad.detach().clone() for p in model.parameters()])
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                    trace.norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
                 scaler.step(opt)
                 scaler.update()
                 _record_scale(trace, scaler, before)
             else:
+                if clip is not None:
+                    trace.norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
                 opt.step()
+            trace.grads_after.append(_grads(model))
             opt.zero_grad()
             if sched is not None:
                 sched.step()

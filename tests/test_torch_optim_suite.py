@@ -766,23 +766,26 @@ def test_peak_memory_foreach():
 
 
 def test_fused_error_on_params_on_meta():
-    """test_fused_error_on_params_on_meta, adapted: fused=True with parameters
-    on the meta device raises a RuntimeError naming the device (torch's wording
-    is SGD-internal: "`fused=True` requires all the params to be floating point
-    Tensors of supported devices"), and after to_empty(device='cpu') it steps."""
+    """test_fused_error_on_params_on_meta, adapted: torch's fused=True raises
+    on meta parameters; AccumOptimizer (fused=True is ignored) takes the
+    shape-only step that SGD's default path takes, and after
+    to_empty(device='cpu') it steps for real."""
     with torch.device("meta"):
         model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Sigmoid(), torch.nn.Linear(3, 1), torch.nn.Sigmoid())
     opt = AccumOptimizer(model.parameters(), fused=True)
     with torch.device("meta"):
         for p in model.parameters():
             p.grad = torch.rand_like(p)
-    with pytest.raises(RuntimeError, match="meta"):
-        opt.step()
+    opt.step()
+    assert all(p.is_meta for p in model.parameters())
     opt.zero_grad(set_to_none=True)
     model.to_empty(device=DEVICE)
     for p in model.parameters():
         p.grad = torch.rand_like(p)
     opt.step()
+    # to_empty made new parameter objects: the optimizer still holds (and
+    # steps, shape-only) the meta ones, as torch.optim.SGD would.
+    assert all(p.is_meta for p in opt.param_groups[0]["params"])
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])

@@ -18,9 +18,14 @@ __all__ = [
 ]
 
 
+# A fact of the build: dynamo may call it once while tracing a compiled step
+# (it cannot trace into the C++ lookup itself) and keep the answer.
+@torch.compiler.assume_constant_result
 def has_kernel_for(device_type: str) -> bool:
-    """Whether the compiled extension has kernels for a device type ("cpu", "cuda")."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    """Whether the extension has kernels for a device type ("cpu", "cuda", or
+    "meta": the fake impls below, registered as Meta kernels, give meta tensors
+    a shape-only step)."""
+    key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
         "fastaccum::fused_sgd_", key
     )
@@ -72,8 +77,11 @@ def fused_sgd_(
     grad_factor: float = 1.0,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    write_grads: bool = False,
 ) -> None:
-    """The fused SGD step of one (device, dtype) group; see csrc/sgd_math.h."""
+    """The fused SGD step of one (device, dtype) group; see csrc/sgd_math.h.
+    With ``write_grads`` each grad is left as the unscaled grad the update
+    used (also on a skipped step)."""
     torch.ops.fastaccum.fused_sgd_.default(
         params,
         grads,
@@ -89,12 +97,14 @@ def fused_sgd_(
         grad_factor=grad_factor,
         grad_scale=grad_scale,
         found_inf=found_inf,
+        write_grads=write_grads,
     )
 
 
 @torch.library.register_fake("fastaccum::fused_sgd_")
 def _(params, grads, momentum_buffers, steps, *, lr, lr_tensor=None, weight_decay, momentum,
-      dampening, nesterov, maximize, grad_factor=1.0, grad_scale=None, found_inf=None):
+      dampening, nesterov, maximize, grad_factor=1.0, grad_scale=None, found_inf=None,
+      write_grads=False):
     torch._check(len(grads) == len(params), lambda: "grads and params differ in length")
     for p, g in zip(params, grads):
         torch._check(p.shape == g.shape, lambda: "grad shape differs from its param")

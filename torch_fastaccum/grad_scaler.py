@@ -8,8 +8,9 @@ AccumOptimizer:
 * on micro-batches that are not an accumulation boundary, ``step`` only counts
   and ``update`` changes nothing, so the scale is fixed within a window;
 * ``unscale_`` at a boundary leaves the *mean* unscaled gradient in ``.grad``
-  (1/K folded in), so clipping sees what the reference ``loss / K`` loop sees;
-  inside a window it raises: the grads there are a partial, scaled sum.
+  (1/K folded in), so clipping sees what the reference ``loss / K`` loop sees,
+  also when the scaler is disabled (then it only averages); inside a window it
+  raises: the grads there are a partial, scaled sum.
 """
 
 from __future__ import annotations
@@ -80,8 +81,13 @@ class GradScaler(torch.amp.GradScaler):
         return state["found_inf_per_device"]
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self._enabled or not isinstance(optimizer, AccumOptimizer):
+        if not isinstance(optimizer, AccumOptimizer):
             return super().unscale_(optimizer)
+        if not self._enabled:
+            # Nothing to unscale, but the 1/K of the window still applies: an
+            # `enabled=use_amp` loop must clip the same mean gradient either way.
+            optimizer._require_boundary("unscale_()")
+            return optimizer.average_grads_()
         self._check_scale_growth_tracker("unscale_")
         state = self._per_optimizer_states[id(optimizer)]
         if state["stage"] is OptState.UNSCALED:

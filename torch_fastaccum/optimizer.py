@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _torch_sgd
 
 from . import _ops
+from ._window import AccumulationWindow
 
 __all__ = ["AccumOptimizer"]
 
@@ -125,12 +126,17 @@ class AccumOptimizer(Optimizer):
     ``step()`` calls only count, and ``zero_grad()`` acts only right after a
     boundary step, so gradients accumulate in ``.grad``.
 
+    After a boundary step ``.grad`` holds what the reference loop
+    (``(loss / K).backward()``, ``scaler.step``) leaves there: the unscaled
+    mean gradient (clipped, if it was clipped), written by the fused update in
+    the same pass (+4 B/param), also when a GradScaler skips the step.
+    ``grad_writeback=False`` leaves the accumulated, scaled sum there instead
+    and saves that write, for loops that zero the grads next.
+
     ``foreach`` and ``fused`` are accepted and ignored: the fused kernels always
     run. Sparse gradients take torch's single-tensor SGD math (unfused) in the
     same step; parameters that are not dense in memory go through a dense
-    stand-in that is copied back. After a fused
-    update ``.grad`` keeps the accumulated (scaled) gradient; it is not
-    rewritten unscaled, which saves a pass over gradient memory.
+    stand-in that is copied back. Meta parameters take a shape-only step.
     """
 
     # GradScaler hands over grad_scale/found_inf instead of syncing. A class
@@ -148,12 +154,15 @@ class AccumOptimizer(Optimizer):
         *,
         maximize: bool = False,
         accumulation_steps: int = 1,
+        grad_writeback: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,
         differentiable: bool = False,
     ) -> None:
         _validate_hyper(lr, momentum, dampening, weight_decay, nesterov, "")
         _validate_accumulation_steps(accumulation_steps)
+        if not isinstance(grad_writeback, bool):
+            raise ValueError(f"Invalid grad_writeback: {grad_writeback!r} (must be a bool)")
         if differentiable:
             raise ValueError(
                 "AccumOptimizer does not support differentiable=True: its fused "
@@ -170,12 +179,34 @@ class AccumOptimizer(Optimizer):
             "differentiable": differentiable,
             "fused": fused,
             "accumulation_steps": accumulation_steps,
+            "grad_writeback": grad_writeback,
         }
-        self._micro_step = 0
-        # Set by torch_fastaccum.GradScaler.unscale_, which folds 1/K into the
-        # grads it unscales; consumed by the next boundary step.
-        self._grads_averaged = False
+        self._window = AccumulationWindow()
+        self._init_caches()
         super().__init__(params, defaults)
+
+    def _init_caches(self) -> None:
+        # Made here, not lazily inside step(): a compiled step must find them.
+        self._bucket_cache: dict[int, tuple] = {}
+        self._devices_checked: set[str] = set()
+
+    # The window's counter and flag under their historical names (pickles,
+    # tests and GradScaler read them).
+    @property
+    def _micro_step(self) -> int:
+        return self._window.micro_step
+
+    @_micro_step.setter
+    def _micro_step(self, value: int) -> None:
+        self._window.micro_step = value
+
+    @property
+    def _grads_averaged(self) -> bool:
+        return self._window.averaged
+
+    @_grads_averaged.setter
+    def _grads_averaged(self, value: bool) -> None:
+        self._window.averaged = value
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -196,20 +227,23 @@ class AccumOptimizer(Optimizer):
             raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("_micro_step", 0)
-        state.setdefault("_grads_averaged", False)
+        state = dict(state)
+        if "_window" not in state and "_window" not in self.__dict__:  # an old pickle
+            state["_window"] = AccumulationWindow(state.pop("_micro_step", 0), state.pop("_grads_averaged", False))
         super().__setstate__(state)
+        self._init_caches()
+        self.defaults.setdefault("grad_writeback", True)
         for group in self.param_groups:
             for k, v in _SGD_GROUP_DEFAULTS.items():
                 group.setdefault(k, v)
             # One micro-batch counter drives every group: K is the optimizer's.
             group.setdefault("accumulation_steps", self.defaults["accumulation_steps"])
+            group.setdefault("grad_writeback", self.defaults["grad_writeback"])
         self._restore_momentum_state()
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["_micro_step"] = self._micro_step
-        state["_grads_averaged"] = self._grads_averaged
+        state = super().__getstate__()  # defaults, state, param_groups
+        state["_window"] = AccumulationWindow(self._window.micro_step, self._window.averaged)
         return state
 
     # -- accumulation --------------------------------------------------------
@@ -221,7 +255,7 @@ class AccumOptimizer(Optimizer):
     @property
     def is_accumulation_boundary(self) -> bool:
         """Whether the next ``step()`` performs a real update."""
-        return (self._micro_step + 1) % self.accumulation_steps == 0
+        return self._window.is_boundary(self.accumulation_steps)
 
     @contextlib.contextmanager
     def accumulate(self, model: torch.nn.Module):
@@ -242,7 +276,7 @@ class AccumOptimizer(Optimizer):
         """As :meth:`torch.optim.SGD.zero_grad`, but only right after a boundary
         ``step()`` (or before the first): inside a window it keeps the gradients
         accumulating."""
-        if self._micro_step % self.accumulation_steps == 0:
+        if self._window.at_start(self.accumulation_steps):
             super().zero_grad(set_to_none)
 
     # -- the step ------------------------------------------------------------
@@ -254,19 +288,67 @@ class AccumOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self.is_accumulation_boundary:
-            self._micro_step += 1
+        window, k = self._window, self.accumulation_steps
+        if not window.is_boundary(k):
+            window.count()
             return loss
 
-        k = self.accumulation_steps
-        grad_factor = 1.0 if (k == 1 or self._grads_averaged) else 1.0 / k
+        grad_factor = window.grad_factor(k)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         plan = self._collect()  # validates everything before any state changes
-        self._micro_step += 1
-        self._grads_averaged = False
+        window.close()
         self._run(plan, grad_factor, grad_scale, found_inf)
         return loss
+
+    # -- the mean gradient before the step (clipping) --------------------------
+
+    def _require_boundary(self, what: str) -> None:
+        if not self.is_accumulation_boundary:
+            k = self.accumulation_steps
+            raise RuntimeError(
+                f"{what} was called inside an accumulation window (micro-batch "
+                f"{self._window.position(k)} of {k}); the gradients are a partial sum. "
+                f"Call it only at the boundary: `if opt.is_accumulation_boundary: ...`"
+            )
+
+    @torch.no_grad()
+    def average_grads_(self) -> None:
+        """At a boundary, without a loss scaler: divide the accumulated
+        gradients by K in place, so that ``.grad`` holds the mean gradient of
+        the window (what the reference ``loss / K`` loop holds) for clipping or
+        inspection; the next ``step()`` then uses them as they are. A no-op
+        when K == 1 or when they hold the mean already (a second call, or
+        after ``GradScaler.unscale_``). ``GradScaler(enabled=False).unscale_``
+        calls it, so ``enabled=use_amp`` loops clip the same gradient either
+        way. Inside a window it raises."""
+        self._require_boundary("average_grads_()")
+        k = self.accumulation_steps
+        if k == 1 or self._window.averaged:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is not None:
+                    (g._values() if g.is_sparse else g).mul_(1.0 / k)
+        self._window.averaged = True
+
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+    ) -> Tensor:
+        """At a boundary, without a loss scaler (or with a disabled one):
+        :meth:`average_grads_`, then :func:`torch.nn.utils.clip_grad_norm_`
+        over every parameter of this optimizer; returns the total norm of the
+        mean gradient. With an enabled GradScaler call ``scaler.unscale_(opt)``
+        first (the grads are scaled until then). Inside a window it raises."""
+        self._require_boundary("clip_grad_norm_()")
+        self.average_grads_()
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
 
     # -- collecting the work: no state changes here ---------------------------
 
@@ -288,7 +370,7 @@ class AccumOptimizer(Optimizer):
         # have grads and their devices and dtypes (the C++ triage's signature),
         # so the steady state does no per-tensor device/dtype lookups.
         key = (len(params), signature)
-        cache = self.__dict__.setdefault("_bucket_cache", {})
+        cache = self._bucket_cache
         hit = cache.get(gi)
         # The entry holds the list itself (not its id, which can be reused).
         miss = hit is None or hit[0] is not params or hit[1] != key
@@ -346,15 +428,20 @@ class AccumOptimizer(Optimizer):
         return list(split.values()), sparse
 
     def _require_kernels(self, device: torch.device, gi: int, pi: int | None = None) -> None:
-        checked = self.__dict__.setdefault("_devices_checked", set())
+        checked = self._devices_checked
         if device.type in checked:
             return
         if not _ops.has_kernel_for(device.type):
             where = f"param_groups[{gi}]" + ("" if pi is None else f"['params'][{pi}]")
+            if device.type == "cuda":
+                raise RuntimeError(
+                    f"AccumOptimizer: {where} has parameters on {device}, but torch_fastaccum was "
+                    "built without CUDA kernels; rebuild it where torch has CUDA and nvcc is "
+                    "found (pip install --no-build-isolation -e .)"
+                )
             raise RuntimeError(
-                f"AccumOptimizer: {where} has parameters on {device}, but torch_fastaccum was "
-                f"built without {device.type.upper()} kernels; rebuild it where torch and the "
-                "toolchain support that device (pip install --no-build-isolation -e .)"
+                f"AccumOptimizer: {where} has parameters on {device}; torch_fastaccum's fused "
+                f"kernels support CPU, CUDA and meta (shape-only) parameters, not {device.type}"
             )
         checked.add(device.type)
 
@@ -387,7 +474,10 @@ class AccumOptimizer(Optimizer):
 
     def _run(self, plan, grad_factor: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         per_device: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
+        # The stored grads differ from what SGD used only when a factor applies.
+        rescaled = grad_factor != 1.0 or grad_scale is not None
         for group, buckets, sparse in plan:
+            write_grads = rescaled and bool(group["grad_writeback"])
             momentum = _float(group["momentum"])
             hyper = dict(
                 weight_decay=_float(group["weight_decay"]),
@@ -408,7 +498,7 @@ class AccumOptimizer(Optimizer):
                     lr_f, lr_t = 1.0, lr
                 else:
                     lr_f, lr_t = _float(lr), None
-                params, grads, bufs, steps, writeback = self._kernel_lists(b, momentum)
+                params, grads, bufs, steps, writeback = self._kernel_lists(b, momentum, write_grads)
                 _ops.fused_sgd_(
                     params,
                     grads,
@@ -419,16 +509,18 @@ class AccumOptimizer(Optimizer):
                     grad_factor=grad_factor,
                     grad_scale=scale_d,
                     found_inf=inf_d,
+                    write_grads=write_grads,
                     **hyper,
                 )
-                for p, stand_in in writeback:
-                    p.copy_(stand_in)
+                for t, stand_in in writeback:
+                    t.copy_(stand_in)
             if sparse:
-                self._sparse_step(group, sparse, hyper, grad_factor, grad_scale, found_inf)
+                self._sparse_step(group, sparse, hyper, grad_factor, grad_scale, found_inf, write_grads)
 
-    def _kernel_lists(self, b: _Bucket, momentum: float):
+    def _kernel_lists(self, b: _Bucket, momentum: float, write_grads: bool):
         """params, grads, momentum buffers, step counters and write-backs of a
-        bucket, creating missing state (zeroed buffer, step 0)."""
+        bucket, creating missing state (zeroed buffer, step 0). Dense stand-ins
+        of params (and of grads the kernel writes) are copied back after it."""
         params, grads, bufs, steps, writeback = b.params, b.grads, [], [], []
         if not b.plain:
             params, grads = [], []
@@ -438,7 +530,10 @@ class AccumOptimizer(Optimizer):
                     target = p.contiguous()
                     writeback.append((p, target))
                 params.append(target)
-                grads.append(_like(g, target))
+                g_like = _like(g, target)
+                if write_grads and g_like is not g:
+                    writeback.append((g, g_like))
+                grads.append(g_like)
         if momentum != 0:
             state = self.state
             for p, target in zip(b.params, params):
@@ -465,14 +560,19 @@ class AccumOptimizer(Optimizer):
             bufs = [_real(t) for t in bufs]
         return params, grads, bufs, steps, writeback
 
-    def _sparse_step(self, group, pairs, hyper, grad_factor, grad_scale, found_inf) -> None:
+    def _sparse_step(self, group, pairs, hyper, grad_factor, grad_scale, found_inf, write_grads) -> None:
         # Sparse grads take torch's own single-tensor SGD math (unfused); with a
         # scaler this is the one place a host read of found_inf is allowed.
-        if found_inf is not None and found_inf.item() != 0:
-            return
         mul = grad_factor
         if grad_scale is not None:  # torch's unscale_ reciprocal: fp64, then fp32
             mul *= grad_scale.double().reciprocal().float().item()
+        if write_grads and mul != 1.0:
+            # As the dense kernels: .grad is left unscaled, skipped step or not.
+            for _, g in pairs:
+                g._values().mul_(mul)
+            mul = 1.0
+        if found_inf is not None and found_inf.item() != 0:
+            return
         params, grads, bufs = [], [], []
         for p, g in pairs:
             params.append(p)
@@ -504,7 +604,8 @@ class AccumOptimizer(Optimizer):
             if isinstance(s, dict) and _STEP in s:
                 s = dict(s)  # the live state dict is shared: never edit it
                 step = s.pop(_STEP)
-                if float(step) == 0:  # may sync: not the hot path
+                # Meta params take shape-only steps: their buffers exist.
+                if not step.is_meta and float(step) == 0:  # may sync: not the hot path
                     s.pop(_MOMENTUM, None)
                 if not s:
                     continue  # as SGD: no entry before the first real update

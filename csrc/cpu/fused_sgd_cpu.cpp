@@ -1,6 +1,7 @@
 // CPU impl of fastaccum::fused_sgd_: unscale x 1/K, maximize, weight decay,
 // momentum (first real update included), dampening, nesterov and the lr step
-// in one pass over params/grads/buffers, parallel across the whole list.
+// in one pass over params/grads/buffers, parallel across the whole list;
+// with write_grads the unscaled grad is stored back in the same pass.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -19,46 +20,62 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads,
                    double weight_decay, double momentum, double dampening,
                    bool nesterov, bool maximize, double grad_factor,
                    const c10::optional<at::Tensor>& grad_scale,
-                   const c10::optional<at::Tensor>& found_inf) {
+                   const c10::optional<at::Tensor>& found_inf,
+                   bool write_grads) {
   const bool has_momentum = momentum != 0.0;
   check_sgd_lists(params, grads, momentum_buffers, steps, has_momentum);
-  if (found_inf) {
-    check_scalar_f32(*found_inf, "found_inf");
-    // Host read: free on the CPU, and the contract of a skipped step.
-    if (found_inf->item<float>() != 0.f) return;
-  }
+  if (found_inf) check_scalar_f32(*found_inf, "found_inf");
+  if (grad_scale) check_scalar_f32(*grad_scale, "grad_scale");
+  if (lr_tensor)
+    TORCH_CHECK(lr_tensor->numel() == 1, "lr_tensor must have one element");
   if (params.empty()) return;
 
-  double lr_value = lr;
-  if (lr_tensor) {
-    TORCH_CHECK(lr_tensor->numel() == 1, "lr_tensor must have one element");
-    lr_value = lr_tensor->item<double>();
-  }
   double grad_mul = grad_factor;
   if (grad_scale) {
-    check_scalar_f32(*grad_scale, "grad_scale");
     // float(1/double(scale)) is torch's GradScaler.unscale_ reciprocal.
     grad_mul *= static_cast<double>(
         static_cast<float>(1.0 / grad_scale->item<double>()));
   }
-  const SgdArgs args{lr_value, weight_decay, momentum, 1.0 - dampening,
-                     grad_mul, nesterov,     maximize, has_momentum,
-                     grad_mul != 1.0};
+  const int dtype = dtype_index(params[0].scalar_type());
+  const int64_t elem = params[0].element_size();
+  const size_t n = params.size();
+  std::vector<char*> gp(n);
+  for (size_t t = 0; t < n; ++t)
+    gp[t] = write_grads ? static_cast<char*>(grads[t].data_ptr())
+                        : const_cast<char*>(static_cast<const char*>(
+                              grads[t].const_data_ptr()));
+
+  // Host read: free on the CPU, and the contract of a skipped step. The
+  // grads are still unscaled then (with write_grads), as torch's
+  // GradScaler.step leaves them when it skips.
+  if (found_inf && found_inf->item<float>() != 0.f) {
+    if (write_grads && grad_mul != 1.0) {
+      const auto unscale = kernels().check[dtype];
+      parallel_chunks(make_chunks(grads), [&](int64_t, const Chunk& c) {
+        unscale(gp[c.tensor] + c.begin * elem, c.end - c.begin, grad_mul,
+                /*write=*/true, /*want_sumsq=*/false);
+      });
+    }
+    return;
+  }
+
+  double lr_value = lr;
+  if (lr_tensor) lr_value = lr_tensor->item<double>();
+  const SgdArgs args{lr_value,  weight_decay, momentum,
+                     1.0 - dampening, grad_mul, nesterov,
+                     maximize,  has_momentum, grad_mul != 1.0,
+                     write_grads && grad_mul != 1.0};
 
   // Raw pointer reads/writes of the step counters: an op per tensor would
   // cost microseconds each.
-  const size_t n = params.size();
   std::vector<char> first(n, 0);
   for (size_t i = 0; i < steps.size(); ++i)
     first[i] = *steps[i].const_data_ptr<float>() == 0.f;
 
-  const auto kernel = kernels().sgd[dtype_index(params[0].scalar_type())];
-  const int64_t elem = params[0].element_size();
+  const auto kernel = kernels().sgd[dtype];
   std::vector<char*> pp(n), bp(n, nullptr);
-  std::vector<const char*> gp(n);
   for (size_t t = 0; t < n; ++t) {
     pp[t] = static_cast<char*>(params[t].data_ptr());
-    gp[t] = static_cast<const char*>(grads[t].const_data_ptr());
     if (has_momentum) bp[t] = static_cast<char*>(momentum_buffers[t].data_ptr());
   }
   parallel_chunks(make_chunks(params), [&](int64_t, const Chunk& c) {

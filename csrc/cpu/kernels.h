@@ -19,6 +19,7 @@ struct ChunkResult {
 struct SgdArgs {
   double lr, weight_decay, momentum, one_minus_dampening, grad_mul;
   bool nesterov, maximize, has_momentum, scale_grad;
+  bool write_grad;  // store the unscaled grad back into g
 };
 
 // Storage dtypes, in table order.
@@ -29,8 +30,9 @@ struct KernelTable {
   // Flags/sums n elements of g; with `write`, first multiplies them by `mul`.
   ChunkResult (*check[kNumDtypes])(void* g, int64_t n, double mul, bool write,
                                    bool want_sumsq);
-  // One fused SGD update of n elements; b may be null without momentum.
-  void (*sgd[kNumDtypes])(void* p, const void* g, void* b, int64_t n,
+  // One fused SGD update of n elements; b may be null without momentum. g is
+  // written only with SgdArgs::write_grad.
+  void (*sgd[kNumDtypes])(void* p, void* g, void* b, int64_t n,
                           bool first, const SgdArgs& a);
 };
 

@@ -108,13 +108,13 @@ ChunkResult check_chunk(void* data, int64_t n, double mul_d, bool write,
 }
 
 template <typename scalar_t>
-void sgd_chunk(void* p_, const void* g_, void* b_, int64_t n, bool first,
+void sgd_chunk(void* p_, void* g_, void* b_, int64_t n, bool first,
                const SgdArgs& a) {
   using T = Tile<scalar_t>;
   using Vec = typename T::Vec;
   using op_t = opmath_t<scalar_t>;
   auto* p = static_cast<scalar_t*>(p_);
-  const auto* g = static_cast<const scalar_t*>(g_);
+  auto* g = static_cast<scalar_t*>(g_);
   auto* b = static_cast<scalar_t*>(b_);
   const SgdHyper<op_t> h{static_cast<op_t>(a.lr),
                          static_cast<op_t>(a.weight_decay),
@@ -126,34 +126,41 @@ void sgd_chunk(void* p_, const void* g_, void* b_, int64_t n, bool first,
                          a.has_momentum,
                          a.scale_grad};
   const bool read_b = h.has_momentum && !first;
+  const bool write_g = a.write_grad;
   int64_t i = 0;
   if constexpr (!is_reduced_v<scalar_t>) {
     // Plain vectors, no Tile aggregate: GCC 12 crashes in early SRA on the
     // Tile form of this loop for float once it holds explicit FMAs.
     for (; i + Vec::size() <= n; i += Vec::size()) {
       Vec vb = read_b ? Vec::loadu(b + i) : Vec(op_t(0));
-      const Vec vp = sgd_math<Vec, op_t>(Vec::loadu(p + i), Vec::loadu(g + i),
-                                         vb, first, h);
+      const Vec vg = unscaled_grad<Vec, op_t>(Vec::loadu(g + i), h);
+      const Vec vp = sgd_math<Vec, op_t>(Vec::loadu(p + i), vg, vb, first, h);
       vp.store(p + i);
       if (h.has_momentum) vb.store(b + i);
+      if (write_g) vg.store(g + i);
     }
   } else {
     for (; i + T::size() <= n; i += T::size()) {
       T tp = T::load(p + i);
-      const T tg = T::load(g + i);
+      T tg = T::load(g + i);
       T tb = read_b ? T::load(b + i) : T::zeros();
-      for (int k = 0; k < T::kParts; ++k)
+      for (int k = 0; k < T::kParts; ++k) {
+        tg.v[k] = unscaled_grad<Vec, op_t>(tg.v[k], h);
         tp.v[k] = sgd_math<Vec, op_t>(tp.v[k], tg.v[k], tb.v[k], first, h);
+      }
       tp.store(p + i);
       if (h.has_momentum) tb.store(b + i);
+      if (write_g) tg.store(g + i);
     }
   }
   for (; i < n; ++i) {
     op_t bi = read_b ? static_cast<op_t>(b[i]) : op_t(0);
-    op_t pi = sgd_math<op_t, op_t>(static_cast<op_t>(p[i]),
-                                   static_cast<op_t>(g[i]), bi, first, h);
+    const op_t gi = unscaled_grad<op_t, op_t>(static_cast<op_t>(g[i]), h);
+    const op_t pi =
+        sgd_math<op_t, op_t>(static_cast<op_t>(p[i]), gi, bi, first, h);
     p[i] = static_cast<scalar_t>(pi);
     if (h.has_momentum) b[i] = static_cast<scalar_t>(bi);
+    if (write_g) g[i] = static_cast<scalar_t>(gi);
   }
 }
 

@@ -42,7 +42,8 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads,
                     double weight_decay, double momentum, double dampening,
                     bool nesterov, bool maximize, double grad_factor,
                     const c10::optional<at::Tensor>& grad_scale,
-                    const c10::optional<at::Tensor>& found_inf) {
+                    const c10::optional<at::Tensor>& found_inf,
+                    bool write_grads) {
   const bool has_momentum = momentum != 0.0;
   check_sgd_lists(params, grads, momentum_buffers, steps, has_momentum);
   if (found_inf) check_scalar_f32(*found_inf, "found_inf");
@@ -59,11 +60,14 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads,
 
   SgdArgsDevice a{lr,          nullptr,   nullptr,     weight_decay,
                   momentum,    1.0 - dampening,        grad_factor,
-                  nullptr,     nullptr,   nesterov,    maximize};
+                  nullptr,     nullptr,   nesterov,    maximize,
+                  write_grads, false};
   if (found_inf) {
     if (found_inf->is_cpu()) {
-      // Host memory: reading it costs no device sync.
-      if (found_inf->item<float>() != 0.f) return;
+      // Host memory: reading it costs no device sync. The kernels still run
+      // on a skipped step when they must leave the grads unscaled.
+      a.skipped = found_inf->item<float>() != 0.f;
+      if (a.skipped && !write_grads) return;
     } else {
       on_device(*found_inf, "found_inf");
       a.found_inf = found_inf->const_data_ptr<float>();
@@ -100,7 +104,7 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads,
 
   const bool reverse = update_order_reversed();
   const std::vector<void*> param_ptrs = addresses(params, true);
-  const std::vector<void*> grad_ptrs = addresses(grads, false);
+  const std::vector<void*> grad_ptrs = addresses(grads, write_grads);
   std::vector<void*> buf_ptrs;
   std::vector<float*> step_ptrs;
   if (has_momentum) {

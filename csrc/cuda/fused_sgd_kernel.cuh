@@ -5,8 +5,9 @@
 // csrc/cpu/fused_sgd_cpu.cpp; the math of both is csrc/sgd_math.h; the test
 // of this file on the CPU is tests/emulator/test_fused_sgd_kernel.cpp.
 //
-// List order: params (written), grads, momentum_buffers (written; only when
-// momentum != 0, then depth 3 and one step counter per tensor).
+// List order: params (written), grads (written with write_grad),
+// momentum_buffers (written; only when momentum != 0, then depth 3 and one
+// step counter per tensor).
 #pragma once
 
 #include <algorithm>
@@ -37,6 +38,8 @@ struct SgdArgsDevice {
   const float* found_inf;   // CUDA flag, or nullptr
   bool nesterov;
   bool maximize;
+  bool write_grad;  // store the unscaled grad back (also on a skipped step)
+  bool skipped;     // the host already knows found_inf is set
 };
 
 template <typename scalar_t, bool kMomentum>
@@ -48,8 +51,9 @@ struct SgdFunctor {
                                              int64_t start, int64_t n) const {
     using op_t = opmath_t<scalar_t>;
     // Set by an earlier launch on this stream (the check pass), so it is
-    // final for every block of every update launch.
-    if (a.found_inf != nullptr && *a.found_inf != 0.f) return;
+    // final for every block of every update launch, and uniform in a block.
+    const bool skip = a.skipped || (a.found_inf != nullptr && *a.found_inf != 0.f);
+    if (skip && !a.write_grad) return;
     const double lr = a.lr_f32 != nullptr   ? static_cast<double>(*a.lr_f32)
                       : a.lr_f64 != nullptr ? *a.lr_f64
                                             : a.lr;
@@ -64,29 +68,41 @@ struct SgdFunctor {
                            a.maximize,
                            kMomentum,
                            grad_mul != 1.0};
+    // Writing g * 1 back would only cost bandwidth.
+    const unsigned grad_bit = a.write_grad && h.scale_grad ? 0b010u : 0u;
+    scalar_t* const grads = static_cast<scalar_t*>(meta.addresses[1][slot]) + start;
+    if (skip) {
+      // As torch's GradScaler leaves a skipped step: grads unscaled, nothing
+      // else touched.
+      if (grad_bit == 0u) return;
+      scalar_t* const ptrs[1] = {grads};
+      auto op = [&](op_t (&r)[1]) { r[0] = unscaled_grad<op_t, op_t>(r[0], h); };
+      for_each_element<1>(ptrs, n, 0b1u, 0b1u, op);
+      return;
+    }
     if constexpr (kMomentum) {
       // Read here, advanced only by a later launch (see NOTE: [step
       // counters]), so every block of a tensor, in whichever launch of this
       // call, sees the value from before the call.
       const bool first = *meta.steps[slot] == 0.f;
       scalar_t* const ptrs[3] = {
-          static_cast<scalar_t*>(meta.addresses[0][slot]) + start,
-          static_cast<scalar_t*>(meta.addresses[1][slot]) + start,
+          static_cast<scalar_t*>(meta.addresses[0][slot]) + start, grads,
           static_cast<scalar_t*>(meta.addresses[2][slot]) + start};
       auto op = [&](op_t (&r)[3]) {
+        r[1] = unscaled_grad<op_t, op_t>(r[1], h);
         r[0] = sgd_math<op_t, op_t>(r[0], r[1], r[2], first, h);
       };
       // A first update does not read the (possibly never written) buffer.
-      for_each_element<3>(ptrs, n, first ? 0b011u : 0b111u, 0b101u, op);
+      for_each_element<3>(ptrs, n, first ? 0b011u : 0b111u, 0b101u | grad_bit, op);
     } else {
       scalar_t* const ptrs[2] = {
-          static_cast<scalar_t*>(meta.addresses[0][slot]) + start,
-          static_cast<scalar_t*>(meta.addresses[1][slot]) + start};
+          static_cast<scalar_t*>(meta.addresses[0][slot]) + start, grads};
       auto op = [&](op_t (&r)[2]) {
         op_t unused = op_t(0);
+        r[1] = unscaled_grad<op_t, op_t>(r[1], h);
         r[0] = sgd_math<op_t, op_t>(r[0], r[1], unused, false, h);
       };
-      for_each_element<2>(ptrs, n, 0b11u, 0b01u, op);
+      for_each_element<2>(ptrs, n, 0b11u, 0b01u | grad_bit, op);
     }
   }
 };
@@ -157,7 +173,7 @@ void fused_sgd_launch(const SgdLists& l, const SgdArgsDevice& a, bool reverse,
     lists.steps = l.steps;
     multi_tensor_apply<3, true>(lists, reverse, stream,
                                 SgdFunctor<scalar_t, true>{a});
-    advance_steps(l.steps, l.count, a.found_inf, stream);
+    if (!a.skipped) advance_steps(l.steps, l.count, a.found_inf, stream);
   } else {
     TensorLists<2> lists;
     lists.count = l.count;

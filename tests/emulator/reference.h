@@ -37,16 +37,19 @@ SgdHyper<opmath_t<T>> sgd_hyper(double lr, double weight_decay, double momentum,
 }
 
 // Elements [begin, end) of one tensor, one at a time: p, g, b as stored
-// before the call; on return p (and b with momentum) as they must be after.
-// `first` is the tensor's step counter being 0: b is then not read.
+// before the call; on return p (and b with momentum) as they must be after,
+// and g too when the call writes the grads back. `first` is the tensor's step
+// counter being 0: b is then not read. `skipped`: found_inf was set.
 template <typename T>
-void sgd_reference(T* p, const T* g, T* b, int64_t begin, int64_t end, bool first,
-                   const SgdHyper<opmath_t<T>>& h) {
+void sgd_reference(T* p, T* g, T* b, int64_t begin, int64_t end, bool first,
+                   const SgdHyper<opmath_t<T>>& h, bool write_grad, bool skipped) {
   using op_t = opmath_t<T>;
   for (int64_t i = begin; i < end; ++i) {
+    const op_t gi = fastaccum::unscaled_grad<op_t, op_t>(static_cast<op_t>(g[i]), h);
+    if (write_grad && h.scale_grad) g[i] = static_cast<T>(gi);
+    if (skipped) continue;
     op_t buf = (h.has_momentum && !first) ? static_cast<op_t>(b[i]) : op_t(0);
-    const op_t out = fastaccum::sgd_math<op_t, op_t>(static_cast<op_t>(p[i]),
-                                                     static_cast<op_t>(g[i]), buf, first, h);
+    const op_t out = fastaccum::sgd_math<op_t, op_t>(static_cast<op_t>(p[i]), gi, buf, first, h);
     p[i] = static_cast<T>(out);
     if (h.has_momentum) b[i] = static_cast<T>(buf);
   }

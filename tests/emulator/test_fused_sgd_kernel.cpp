@@ -85,7 +85,7 @@ bool runs(const TensorSpec& s, int64_t chunk) {
 
 template <typename T>
 void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, const Config& c,
-             const Scalars& s, bool reverse, uint64_t seed, bool flat = false) {
+             const Scalars& s, bool reverse, uint64_t seed, bool write_grad, bool flat = false) {
   const bool momentum = c.momentum != 0.0;
   const size_t count = specs.size();
   Rng rng(seed);
@@ -133,8 +133,9 @@ void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, con
   Scalar<float> scale(s.scale), found(s.found_inf > 0 ? 1.f : 0.f);
   Scalar<float> lr32(static_cast<float>(lr));
   Scalar<double> lr64(lr);
-  SgdArgsDevice a{lr,       nullptr,       nullptr,  c.weight_decay, c.momentum, 1.0 - c.dampening,
-                  s.factor, nullptr,       nullptr,  c.nesterov,     c.maximize};
+  SgdArgsDevice a{lr,       nullptr, nullptr,  c.weight_decay, c.momentum, 1.0 - c.dampening,
+                  s.factor, nullptr, nullptr,  c.nesterov,     c.maximize, write_grad,
+                  false};
   if (s.lr == Lr::kF32) a.lr_f32 = lr32.ptr();
   if (s.lr == Lr::kF64) a.lr_f64 = lr64.ptr();
   if (s.scale_on_device) a.grad_scale = scale.ptr();
@@ -172,13 +173,13 @@ void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, con
                               c.maximize, s.factor, s.scale_on_device ? scale.ptr() : nullptr);
   for (Snapshot& snap : snaps) {
     const size_t t = snap.tensor;
-    if (!skipped)
-      sgd_reference(snap.p.data(), snap.g.data(), momentum ? snap.b.data() : nullptr, 0,
-                    static_cast<int64_t>(snap.p.size()), specs[t].step == 0.f, h);
+    sgd_reference(snap.p.data(), snap.g.data(), momentum ? snap.b.data() : nullptr, 0,
+                  static_cast<int64_t>(snap.p.size()), specs[t].step == 0.f, h, write_grad, skipped);
     const std::string where = label + " tensor " + std::to_string(t) + " (numel " +
                               std::to_string(specs[t].n) + ")";
     compare_bits(where + " params", P[t] + snap.lo, snap.p, snap.lo);
-    compare_bits(where + " grads (read-only)", G[t] + snap.lo, snap.g, snap.lo);
+    compare_bits(where + (write_grad ? " grads (written back)" : " grads (read-only)"),
+                 G[t] + snap.lo, snap.g, snap.lo);
     if (momentum) compare_bits(where + " momentum", B[t] + snap.lo, snap.b, snap.lo);
   }
   for (size_t t = 0; t < count; ++t) {
@@ -231,37 +232,49 @@ void add_cases() {
   uint64_t seed = 100;
   for (const Config& c : kConfigs)
     for (const Scalars& s : kScalars) {
-      const bool reverse = (seed++ % 2) == 0;
+      // Order and grad write-back alternate with different periods, so each
+      // option meets both values of each.
+      const bool reverse = (seed % 2) == 0;
+      const bool write_grad = (seed++ / 2) % 2 == 0;
       const std::string name = "options/" + dt + "/" + c.name + "/" + s.name +
-                               (reverse ? "/reverse" : "/forward");
-      add_case(name, [=] { run_sgd<T>(name, boundary_sizes(), c, s, reverse, seed); });
+                               (reverse ? "/reverse" : "/forward") +
+                               (write_grad ? "/write_grads" : "");
+      add_case(name, [=] { run_sgd<T>(name, boundary_sizes(), c, s, reverse, seed, write_grad); });
     }
   for (const bool reverse : {false, true}) {
     const std::string order = reverse ? "/reverse" : "/forward";
     {
       const std::string name = "first_update_nan_buffers/" + dt + order;
       add_case(name, [=] {
-        run_sgd<T>(name, many_sizes(7, 130, 0.f), kConfigs[4], kScalars[1], reverse, 11);
+        run_sgd<T>(name, many_sizes(7, 130, 0.f), kConfigs[4], kScalars[1], reverse, 11, true);
       });
     }
     {
       const std::string name = "flat_buffer_views/" + dt + order;
       add_case(name, [=] {
-        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kScalars[1], reverse, 17, /*flat=*/true);
-        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kScalars[2], reverse, 18, true);
+        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kScalars[1], reverse, 17, true, /*flat=*/true);
+        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kScalars[2], reverse, 18, false, true);
       });
     }
     {
       const std::string name = "found_inf_skips_everything/" + dt + order;
       add_case(name, [=] {
-        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kSkip, reverse, 12);
-        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kSkip, reverse, 13);
+        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kSkip, reverse, 12, false);
+        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kSkip, reverse, 13, false);
+      });
+    }
+    {
+      // The only writes of a skipped step: the grads, unscaled.
+      const std::string name = "found_inf_unscales_grads_only/" + dt + order;
+      add_case(name, [=] {
+        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kSkip, reverse, 19, true);
+        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kSkip, reverse, 20, true);
       });
     }
     {
       const std::string name = "many_tensors/" + dt + order;
       add_case(name, [=] {
-        run_sgd<T>(name, many_sizes(8, 500, -1.f), kConfigs[3], kScalars[3], reverse, 14);
+        run_sgd<T>(name, many_sizes(8, 500, -1.f), kConfigs[3], kScalars[3], reverse, 14, true);
       });
     }
     {
@@ -270,7 +283,7 @@ void add_cases() {
       const std::string name = "block_limit_cut/" + dt + order;
       add_case(name, [=] {
         std::vector<TensorSpec> s = {{5}, {322 * kChunk - 9, {1, 0, 0}, 0.f, {0, 1, 2, 3, 316, 317, 318, 319, 320, 321}}, {77}};
-        run_sgd<T>(name, s, kConfigs[2], kScalars[1], reverse, 15);
+        run_sgd<T>(name, s, kConfigs[2], kScalars[1], reverse, 15, true);
       });
     }
   }
@@ -287,7 +300,7 @@ void add_huge_cases() {
     const std::string name = std::string("over_2^31_elements/") + dt + (reverse ? "/reverse" : "/forward");
     add_case(name, [=] {
       std::vector<TensorSpec> s = {{3}, {n, {0, 0, 0}, 0.f, {0, last - 2, last - 1, last}}, {11}};
-      run_sgd<T>(name, s, kConfigs[4], kScalars[1], reverse, 16);
+      run_sgd<T>(name, s, kConfigs[4], kScalars[1], reverse, 16, true);
     });
   }
 }
