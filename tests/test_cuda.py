@@ -207,10 +207,11 @@ def _sgd_inputs(sizes, dtype, momentum, seed):
     return params, grads, bufs, steps
 
 
-def _run_sgd(device, params, grads, bufs, steps, cfg, scalars, dtype_lr=torch.float32):
+def _run_sgd(device, params, grads, bufs, steps, cfg, scalars, dtype_lr=torch.float32, write_grads=False):
     p, g, b, s = (_to(x, device) for x in (params, grads, bufs, steps))
-    p, b, s = _clone(p), _clone(b), _clone(s)
-    kw = dict(cfg, lr=0.1, lr_tensor=None, grad_factor=1.0, grad_scale=None, found_inf=None)
+    p, g, b, s = _clone(p), _clone(g), _clone(b), _clone(s)
+    kw = dict(cfg, lr=0.1, lr_tensor=None, grad_factor=1.0, grad_scale=None, found_inf=None,
+              write_grads=write_grads)
     if scalars != "none":
         where = "cpu" if scalars == "cpu" else device
         lr_dtype = torch.float64 if scalars == "device_lr64" else dtype_lr
@@ -235,17 +236,21 @@ def _assert_sgd_equal(cpu, dev, dtype, exact=False):
         assert torch.equal(x, y), "steps differ"
 
 
+@pytest.mark.parametrize("write_grads", [False, True], ids=["grads_kept", "write_grads"])
 @pytest.mark.parametrize("scalars", SCALARS)
 @pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=lambda c: "m{momentum}-d{dampening}-n{nesterov:d}-wd{weight_decay}-max{maximize:d}".format(**c))
 @pytest.mark.parametrize("sizes", [SIZES, _many_sizes(2)], ids=["sizes", "many"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fused_sgd_matches_cpu(dtype, sizes, cfg, scalars):
+def test_fused_sgd_matches_cpu(dtype, sizes, cfg, scalars, write_grads):
     inputs = _sgd_inputs(sizes, dtype, cfg["momentum"], seed=10)
-    cpu = _run_sgd("cpu", *inputs, cfg, scalars)
-    dev = _run_sgd(DEV, *inputs, cfg, scalars)
+    cpu = _run_sgd("cpu", *inputs, cfg, scalars, write_grads=write_grads)
+    dev = _run_sgd(DEV, *inputs, cfg, scalars, write_grads=write_grads)
     _assert_sgd_equal(cpu, dev, dtype)
-    for g0, g1 in zip(inputs[1], dev[3]):  # grads are read-only
+    for g0, g1 in zip(cpu[3], dev[3]):  # kept, or the same single multiply on both
         assert torch.equal(g0, g1)
+    if not write_grads or scalars == "none":
+        for g0, g1 in zip(inputs[1], dev[3]):
+            assert torch.equal(g0, g1), "grads must be untouched"
     if cfg["momentum"]:
         assert [s.item() for s in dev[2]] == [s.item() + 1 for s in inputs[3]]
         for b in dev[1]:

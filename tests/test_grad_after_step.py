@@ -4,7 +4,9 @@ step every K): the unscaled mean gradient, clipped if clipped, also on a
 skipped window; and with `grad_writeback=False` the accumulated scaled sum.
 
 K and the loss scale are powers of two here, so every factor is exact and
-the comparison is bit for bit (NaN/inf included); parameters too.
+the comparison is bit for bit on the CPU (NaN/inf included); parameters too.
+On CUDA (skipped visibly without one) the backward itself may differ run to
+run (atomics in conv backward), so there it is DESIGN's fp32 tolerance.
 """
 
 from __future__ import annotations
@@ -14,20 +16,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _helpers import make_batches, make_model, parity_pair, run_ours, run_ref
+from _helpers import ATOL, DEVICES, RTOL, make_batches, make_model, parity_pair, run_ours, run_ref
 from torch_fastaccum import AccumOptimizer, GradScaler
 
 OPT = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)
 UPDATES = 5
 
 
-def _assert_same(a, b, what):
+def _assert_same(a, b, what, exact=True):
     assert len(a) == len(b), what
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=RTOL, atol=ATOL)
     for i, (x, y) in enumerate(zip(a, b)):
         if x is None or y is None:
             assert x is None and y is None, f"{what}[{i}]: one grad is None"
             continue
-        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}[{i}]: {m}")
+        torch.testing.assert_close(x, y, equal_nan=True, msg=lambda m: f"{what}[{i}]: {m}", **tol)
 
 
 def _l2_penalty(model):
@@ -52,38 +55,40 @@ PATHS = {
 }
 
 
-def _scalers(mode):
+def _scalers(mode, device="cpu"):
     if mode is None:
         return None, None
     kw = dict(init_scale=2.0**10, growth_interval=3, enabled=mode == "on")
-    return GradScaler("cpu", **kw), torch.amp.GradScaler("cpu", **kw)
+    return GradScaler(device, **kw), torch.amp.GradScaler(device, **kw)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("K", [1, 4])
 @pytest.mark.parametrize("path", list(PATHS))
-def test_grad_after_step_matches_reference(path, K):
+def test_grad_after_step_matches_reference(path, K, device):
     kind, mode, kw = PATHS[path]
+    exact = device == "cpu"
     kw = dict(kw)
     opt_kwargs = kw.pop("opt_kwargs", OPT)
     if "inject" in kw:
         kw["inject"] = kw["inject"](K)
-    ours_m, ref_m = parity_pair(kind)
-    batches = make_batches(kind, K * UPDATES)
-    s_ours, s_ref = _scalers(mode)
+    ours_m, ref_m = parity_pair(kind, device=device)
+    batches = make_batches(kind, K * UPDATES, device=device)
+    s_ours, s_ref = _scalers(mode, device)
     _, t_ours = run_ours(ours_m, batches, K, opt_kwargs=opt_kwargs, scaler=s_ours, **kw)
     _, t_ref = run_ref(ref_m, batches, K, opt_kwargs=opt_kwargs, scaler=s_ref, **kw)
 
     assert len(t_ours.grads_after) == len(t_ref.grads_after) == UPDATES
     for w, (a, b) in enumerate(zip(t_ours.grads_after, t_ref.grads_after)):
-        _assert_same(a, b, f"{path} K={K} window {w} .grad")
-    _assert_same(list(ours_m.parameters()), list(ref_m.parameters()), f"{path} K={K} params")
+        _assert_same(a, b, f"{path} K={K} window {w} .grad", exact)
+    _assert_same(list(ours_m.parameters()), list(ref_m.parameters()), f"{path} K={K} params", exact)
     assert t_ours.skipped == t_ref.skipped
     if "inject" in kw:
         assert sum(t_ref.skipped) == 2, "the test must skip two windows"
         for w in (w for w, s in enumerate(t_ref.skipped) if s):
             assert any(not torch.isfinite(g).all() for g in t_ref.grads_after[w]), "a skipped window leaves inf/NaN"
     if "clip" in kw:
-        _assert_same(t_ours.norms, t_ref.norms, f"{path} K={K} clip norms")
+        _assert_same(t_ours.norms, t_ref.norms, f"{path} K={K} clip norms", exact)
         assert any(n > kw["clip"] for n in t_ref.norms if torch.isfinite(n)), "clipping must be active"
 
 

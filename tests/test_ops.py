@@ -199,16 +199,26 @@ def test_unscale_check_many_tensors(dtype):
 # --------------------------------------------------------------------------
 
 
+def _unscaled(g, mul):
+    """What the op leaves in a grad with write_grads: g * mul in opmath."""
+    if mul == 1.0:
+        return g.clone()
+    op = _opmath(g.dtype)
+    return (g.to(op) * torch.tensor(mul, dtype=op)).to(g.dtype)
+
+
 def _ref_fused_sgd(params, grads, bufs, steps, *, lr, lr_tensor=None, weight_decay, momentum, dampening,
-                   nesterov, maximize, grad_factor=1.0, grad_scale=None, found_inf=None):
-    """Pure-torch reference (opmath float32 for half types, float64 for fp64)."""
-    if found_inf is not None and found_inf.item() != 0:
-        return [p.clone() for p in params], [b.clone() for b in bufs], [s.clone() for s in steps]
-    if lr_tensor is not None:
-        lr = lr_tensor.item()
+                   nesterov, maximize, grad_factor=1.0, grad_scale=None, found_inf=None, write_grads=False):
+    """Pure-torch reference (opmath float32 for half types, float64 for fp64):
+    params, buffers, steps and grads after the call."""
     mul = grad_factor
     if grad_scale is not None:
         mul *= float(torch.tensor(1.0 / grad_scale.item(), dtype=torch.float32))
+    out_g = [_unscaled(g, mul) if write_grads else g.clone() for g in grads]
+    if found_inf is not None and found_inf.item() != 0:
+        return [p.clone() for p in params], [b.clone() for b in bufs], [s.clone() for s in steps], out_g
+    if lr_tensor is not None:
+        lr = lr_tensor.item()
     out_p, out_b, out_s = [], [], []
     for i, (p, g) in enumerate(zip(params, grads)):
         op = _opmath(p.dtype)
@@ -229,7 +239,7 @@ def _ref_fused_sgd(params, grads, bufs, steps, *, lr, lr_tensor=None, weight_dec
             out_b.append(b.to(p.dtype))
             out_s.append(steps[i] + 1)
         out_p.append((pf - lr * gg).to(p.dtype))
-    return out_p, out_b, out_s
+    return out_p, out_b, out_s, out_g
 
 
 SGD_CASES = {
@@ -286,13 +296,13 @@ def _sgd_inputs(case, sizes, dtype, device="cpu", seed=0):
 def _check_sgd(params, grads, bufs, steps, kwargs):
     cpu = lambda ts: [t.detach().cpu().clone() for t in ts]  # noqa: E731
     cpu_kwargs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-    exp_p, exp_b, exp_s = _ref_fused_sgd(cpu(params), cpu(grads), cpu(bufs), cpu(steps), **cpu_kwargs)
-    grads_before = cpu(grads)
+    exp_p, exp_b, exp_s, exp_g = _ref_fused_sgd(cpu(params), cpu(grads), cpu(bufs), cpu(steps), **cpu_kwargs)
     skipped = kwargs["found_inf"] is not None and kwargs["found_inf"].item() != 0
     bufs_before = cpu(bufs)
     ops.fused_sgd_(params, grads, bufs, steps, **kwargs)
-    for g, b in zip(grads, grads_before):
-        assert torch.equal(g.cpu(), b), "fused_sgd_ must not write the grads"
+    # The grads: untouched, or exactly g * grad_mul (skipped step or not).
+    for i, (g, e) in enumerate(zip(grads, exp_g)):
+        assert torch.equal(g.cpu(), e), f"grad {i} (write_grads={kwargs.get('write_grads', False)})"
     for i, (p, e) in enumerate(zip(params, exp_p)):
         if skipped:
             assert torch.equal(p.cpu(), e), "a set found_inf must leave params untouched"
@@ -308,20 +318,22 @@ def _check_sgd(params, grads, bufs, steps, kwargs):
         assert s.item() == e.item()
 
 
+@pytest.mark.parametrize("write_grads", [False, True], ids=["grads_kept", "write_grads"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(SGD_CASES))
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fused_sgd(dtype, size, case, device):
+def test_fused_sgd(dtype, size, case, device, write_grads):
     params, grads, bufs, steps, kwargs = _sgd_inputs(case, [size, 9], dtype, device, seed=size)
-    _check_sgd(params, grads, bufs, steps, kwargs)
+    _check_sgd(params, grads, bufs, steps, dict(kwargs, write_grads=write_grads))
 
 
+@pytest.mark.parametrize("write_grads", [False, True], ids=["grads_kept", "write_grads"])
 @pytest.mark.parametrize("case", list(SGD_CASES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fused_sgd_many_tensors(dtype, case):
+def test_fused_sgd_many_tensors(dtype, case, write_grads):
     params, grads, bufs, steps, kwargs = _sgd_inputs(case, _many_sizes(2), dtype, seed=3)
-    _check_sgd(params, grads, bufs, steps, kwargs)
+    _check_sgd(params, grads, bufs, steps, dict(kwargs, write_grads=write_grads))
 
 
 def test_fused_sgd_repeated_steps_match_sgd():
@@ -427,3 +439,4 @@ def test_opcheck_fused_sgd(dtype, case, device):
     for b in bufs:
         b.nan_to_num_(0.5)
     _opcheck(ops.fused_sgd_.default, (params, grads, bufs, steps), kwargs)
+    _opcheck(ops.fused_sgd_.default, (params, grads, bufs, steps), dict(kwargs, write_grads=True))
