@@ -217,3 +217,32 @@ def test_clip_grad_norm_without_scaler_sees_the_mean():
     torch.testing.assert_close(ours_norm, ref_norm, rtol=0, atol=0)
     for a, b in zip(ours_m.parameters(), ref_m.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_average_then_unscale_divides_by_k_once():
+    """`opt.average_grads_()` and then an enabled `scaler.unscale_(opt)` (or
+    the reverse) apply 1/K once: the grads end as the reference's."""
+    K, scale = 4, 2.0**10
+    ours_m, ref_m = parity_pair("mlp")
+    batches = make_batches("mlp", K)
+    opt = AccumOptimizer(ours_m.parameters(), accumulation_steps=K, **OPT)
+    s_ours = GradScaler("cpu", init_scale=scale)
+    s_ref = torch.amp.GradScaler("cpu", init_scale=scale)
+    ref = torch.optim.SGD(ref_m.parameters(), foreach=False, **OPT)
+    for x, y in batches:
+        opt.zero_grad()
+        s_ours.scale(F.mse_loss(ours_m(x), y)).backward()
+        s_ref.scale(F.mse_loss(ref_m(x), y) / K).backward()
+        if not opt.is_accumulation_boundary:
+            s_ours.step(opt)
+            s_ours.update()
+    opt.average_grads_()
+    s_ours.unscale_(opt)
+    s_ref.unscale_(ref)
+    for a, b in zip(ours_m.parameters(), ref_m.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    s_ours.step(opt)
+    s_ref.step(ref)
+    for a, b in zip(ours_m.parameters(), ref_m.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)

@@ -104,8 +104,9 @@ class GradScaler(torch.amp.GradScaler):
                 "Unscale and clip only at the boundary: "
                 "`if opt.is_accumulation_boundary: scaler.unscale_(opt); clip_grad_norm_(...)`"
             )
-        k = optimizer.accumulation_steps
-        state["found_inf_per_device"] = self._fused_pass(optimizer, self._scale, False, 1.0 / k)
+        # 1/K, unless opt.average_grads_() applied it already.
+        factor = 1.0 if optimizer._grads_averaged else 1.0 / optimizer.accumulation_steps
+        state["found_inf_per_device"] = self._fused_pass(optimizer, self._scale, False, factor)
         optimizer._grads_averaged = True
         state["stage"] = OptState.UNSCALED
 

@@ -326,11 +326,12 @@ class AccumOptimizer(Optimizer):
         k = self.accumulation_steps
         if k == 1 or self._window.averaged:
             return
-        for group in self.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is not None:
-                    (g._values() if g.is_sparse else g).mul_(1.0 / k)
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        # One foreach call for the dense ones (it splits by device and dtype).
+        torch._foreach_mul_([g for g in grads if not g.is_sparse], 1.0 / k)
+        for g in grads:
+            if g.is_sparse:
+                g._values().mul_(1.0 / k)
         self._window.averaged = True
 
     def clip_grad_norm_(
