@@ -12,8 +12,6 @@ setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
 	@$(PYTHON) -c "import ninja, pytest, hypothesis, expecttest" 2>/dev/null || \
 		$(PYTHON) -m pip install ninja pytest hypothesis expecttest numpy
-	@# tests/test_frameworks.py; pinning the installed torch keeps pip from swapping it.
-	@$(PYTHON) -c "import accelerate, lightning" 2>/dev/null || $(PYTHON) -m pip install accelerate lightning "torch==$$($(PYTHON) -c 'import torch; print(torch.__version__)')"
 	@# A non-isolated build uses this environment's setuptools: it needs bdist_wheel.
 	@$(PYTHON) -c "import setuptools.command.bdist_wheel" 2>/dev/null || \
 		$(PYTHON) -m pip install "setuptools>=70.1"
@@ -29,6 +27,9 @@ bench: setup
 	$(PYTHON) -m benchmarks $(BENCH_ARGS)
 
 test: setup
+	@# Only the tests need them (tests/test_frameworks.py); pinning the
+	@# installed torch keeps pip from swapping it.
+	@$(PYTHON) -c "import accelerate, lightning" 2>/dev/null || $(PYTHON) -m pip install accelerate lightning "torch==$$($(PYTHON) -c 'import torch; print(torch.__version__)')"
 	$(PYTHON) -m pytest tests -ra $(PYTEST_ARGS)
 
 cuda-compile:
