@@ -65,6 +65,19 @@ def make_cnn(seed: int = 0, dtype=torch.float32, device="cpu") -> nn.Module:
     return m.to(device=device, dtype=dtype)
 
 
+class Fp16Autocast(nn.Module):
+    """fp32 master weights, fp16 compute (CPU autocast): the scaled backward
+    overflows fp16 on its own once the scale grows too large."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return self.m(x)
+
+
 def make_model(kind: str, seed: int = 0, dtype=torch.float32, device="cpu") -> nn.Module:
     return {"mlp": make_mlp, "cnn": make_cnn}[kind](seed=seed, dtype=dtype, device=device)
 

@@ -32,10 +32,9 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from _helpers import make_batches, make_mlp, run_ref
+from _helpers import Fp16Autocast, make_batches, make_mlp, run_ref
 from torch_fastaccum import AccumOptimizer, GradScaler
 
 K = 4
@@ -97,24 +96,12 @@ def finished(model, lrs, scaler=None) -> Run:
                None if scaler is None else scaler.get_scale())
 
 
-class _Fp16Autocast(nn.Module):
-    """The reference's counterpart of Lightning's "16-mixed" on the CPU."""
-
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, x):
-        with torch.autocast("cpu", dtype=torch.float16):
-            return self.m(x)
-
-
 def reference(window: int = K, *, scheduler=True, scaled=False, autocast=False) -> Run:
     """Plain torch: SGD default path, ``(loss / window).backward()``, step (and
     scheduler step) every ``window``-th micro-batch; torch's GradScaler if scaled."""
     model = make_mlp(seed=0)
     if autocast:
-        model = _Fp16Autocast(model)
+        model = Fp16Autocast(model)  # the counterpart of Lightning's "16-mixed" on the CPU
     opt = torch.optim.SGD(model.parameters(), foreach=False, **HYPER)
     lrs = record_updates(opt)
     scaler = torch.amp.GradScaler("cpu", **SCALER) if scaled else None

@@ -13,11 +13,11 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from _helpers import (
     DEVICES,
+    Fp16Autocast,
     assert_params_changed,
     assert_params_close,
     make_batches,
@@ -129,19 +129,6 @@ def test_scale_constant_within_window():
 # Natural overflow ---------------------------------------------------------------
 
 
-class _Fp16Autocast(nn.Module):
-    """fp32 master weights, fp16 compute (CPU autocast): the scaled backward
-    overflows fp16 on its own once the scale grows too large."""
-
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, x):
-        with torch.autocast("cpu", dtype=torch.float16):
-            return self.m(x)
-
-
 def _fp32_mse(out, y):
     return F.mse_loss(out.float(), y)
 
@@ -154,7 +141,7 @@ def test_natural_fp16_overflow_parity_K1(init_scale):
     With K=1 the scaled gradients are the same on both sides, so the histories
     must be identical."""
     kw = dict(lr=0.05, momentum=0.9)
-    ours_m = _Fp16Autocast(make_mlp(seed=0))
+    ours_m = Fp16Autocast(make_mlp(seed=0))
     ref_m = copy.deepcopy(ours_m)
     batches = make_batches("mlp", N_UPDATES, seed=1)
     s_ours, s_ref = _scalers("cpu", init_scale=init_scale, growth_interval=3)
@@ -176,7 +163,7 @@ def test_natural_fp16_overflow_equivalent_reference(K):
     skip decisions and growth tracker must be identical to ours, and its scale
     exactly K times ours, at every boundary."""
     kw = dict(lr=0.05, momentum=0.9)
-    ours_m = _Fp16Autocast(make_mlp(seed=0))
+    ours_m = Fp16Autocast(make_mlp(seed=0))
     ref_m = copy.deepcopy(ours_m)
     batches = make_batches("mlp", K * N_UPDATES, seed=1)
     s_ours = GradScaler("cpu", init_scale=2.0**20, growth_interval=3)
@@ -201,7 +188,7 @@ def test_natural_fp16_overflow_equivalent_reference(K):
 def test_natural_fp16_overflow_same_init_scale_K_gt_1():
     K = 4
     kw = dict(lr=0.05, momentum=0.9)
-    ours_m = _Fp16Autocast(make_mlp(seed=0))
+    ours_m = Fp16Autocast(make_mlp(seed=0))
     ref_m = copy.deepcopy(ours_m)
     batches = make_batches("mlp", K * N_UPDATES, seed=1)
     s_ours, s_ref = _scalers("cpu", init_scale=2.0**20, growth_interval=3)

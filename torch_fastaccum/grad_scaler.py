@@ -27,6 +27,7 @@ from .optimizer import AccumOptimizer, _real, _to_device
 __all__ = ["GradScaler"]
 
 _ACCUMULATING = "fastaccum_accumulating"
+_UNSCALE, _UNSCALE_USAGE = "unscale_()", "scaler.unscale_(opt); clip_grad_norm_(...)"
 
 
 class GradScaler(torch.amp.GradScaler):
@@ -86,7 +87,7 @@ class GradScaler(torch.amp.GradScaler):
         if not self._enabled:
             # Nothing to unscale, but the 1/K of the window still applies: an
             # `enabled=use_amp` loop must clip the same mean gradient either way.
-            optimizer._require_boundary("unscale_()")
+            optimizer._require_boundary(_UNSCALE, _UNSCALE_USAGE)
             return optimizer.average_grads_()
         self._check_scale_growth_tracker("unscale_")
         state = self._per_optimizer_states[id(optimizer)]
@@ -94,20 +95,12 @@ class GradScaler(torch.amp.GradScaler):
             raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
         if state["stage"] is OptState.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
-        if not optimizer.is_accumulation_boundary:
-            # Unscaling a partial sum would mix scaled and unscaled micro-batches,
-            # and clipping it would clip the wrong gradient: refuse, loudly.
-            raise RuntimeError(
-                "unscale_() was called inside an accumulation window (micro-batch "
-                f"{optimizer._micro_step % optimizer.accumulation_steps + 1} of "
-                f"{optimizer.accumulation_steps}); the gradients are a partial, scaled sum. "
-                "Unscale and clip only at the boundary: "
-                "`if opt.is_accumulation_boundary: scaler.unscale_(opt); clip_grad_norm_(...)`"
-            )
+        optimizer._require_boundary(_UNSCALE, _UNSCALE_USAGE)
+        window = optimizer._window
         # 1/K, unless opt.average_grads_() applied it already.
-        factor = 1.0 if optimizer._grads_averaged else 1.0 / optimizer.accumulation_steps
+        factor = window.grad_factor(optimizer.accumulation_steps)
         state["found_inf_per_device"] = self._fused_pass(optimizer, self._scale, False, factor)
-        optimizer._grads_averaged = True
+        window.averaged = True
         state["stage"] = OptState.UNSCALED
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any):

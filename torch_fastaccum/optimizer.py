@@ -190,23 +190,10 @@ class AccumOptimizer(Optimizer):
         self._bucket_cache: dict[int, tuple] = {}
         self._devices_checked: set[str] = set()
 
-    # The window's counter and flag under their historical names (pickles,
-    # tests and GradScaler read them).
     @property
     def _micro_step(self) -> int:
+        """The window's counter (what state_dict saves; tests read it)."""
         return self._window.micro_step
-
-    @_micro_step.setter
-    def _micro_step(self, value: int) -> None:
-        self._window.micro_step = value
-
-    @property
-    def _grads_averaged(self) -> bool:
-        return self._window.averaged
-
-    @_grads_averaged.setter
-    def _grads_averaged(self, value: bool) -> None:
-        self._window.averaged = value
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -303,13 +290,16 @@ class AccumOptimizer(Optimizer):
 
     # -- the mean gradient before the step (clipping) --------------------------
 
-    def _require_boundary(self, what: str) -> None:
+    def _require_boundary(self, what: str, usage: str = "...") -> None:
+        # Unscaling or clipping a partial sum would act on the wrong gradient
+        # (and, with a scaler, mix scaled and unscaled micro-batches): refuse.
         if not self.is_accumulation_boundary:
             k = self.accumulation_steps
             raise RuntimeError(
                 f"{what} was called inside an accumulation window (micro-batch "
-                f"{self._window.position(k)} of {k}); the gradients are a partial sum. "
-                f"Call it only at the boundary: `if opt.is_accumulation_boundary: ...`"
+                f"{self._window.position(k)} of {k}); the gradients are a partial sum "
+                f"(still scaled, with a loss scaler). Call it only at the boundary: "
+                f"`if opt.is_accumulation_boundary: {usage}`"
             )
 
     @torch.no_grad()
@@ -650,8 +640,8 @@ class AccumOptimizer(Optimizer):
         """After a load (torch's load_state_dict ends in __setstate__): a loaded
         momentum buffer has had a real update; an absent one has not."""
         if "_loading_micro_step" in self.__dict__:
-            self._micro_step = self._loading_micro_step
-            self._grads_averaged = False
+            self._window.micro_step = self._loading_micro_step
+            self._window.averaged = False
             k = self._loading_accumulation_steps
             self.defaults["accumulation_steps"] = k
             for group in self.param_groups:

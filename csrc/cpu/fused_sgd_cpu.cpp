@@ -36,12 +36,14 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads,
     grad_mul *= static_cast<double>(
         static_cast<float>(1.0 / grad_scale->item<double>()));
   }
+  // Writing g * 1 back would only cost bandwidth.
+  const bool write_g = write_grads && grad_mul != 1.0;
   const int dtype = dtype_index(params[0].scalar_type());
   const int64_t elem = params[0].element_size();
   const size_t n = params.size();
   std::vector<char*> gp(n);
   for (size_t t = 0; t < n; ++t)
-    gp[t] = write_grads ? static_cast<char*>(grads[t].data_ptr())
+    gp[t] = write_g ? static_cast<char*>(grads[t].data_ptr())
                         : const_cast<char*>(static_cast<const char*>(
                               grads[t].const_data_ptr()));
 
@@ -49,7 +51,7 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads,
   // grads are still unscaled then (with write_grads), as torch's
   // GradScaler.step leaves them when it skips.
   if (found_inf && found_inf->item<float>() != 0.f) {
-    if (write_grads && grad_mul != 1.0) {
+    if (write_g) {
       const auto unscale = kernels().check[dtype];
       parallel_chunks(make_chunks(grads), [&](int64_t, const Chunk& c) {
         unscale(gp[c.tensor] + c.begin * elem, c.end - c.begin, grad_mul,
@@ -64,7 +66,7 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads,
   const SgdArgs args{lr_value,  weight_decay, momentum,
                      1.0 - dampening, grad_mul, nesterov,
                      maximize,  has_momentum, grad_mul != 1.0,
-                     write_grads && grad_mul != 1.0};
+                     write_g};
 
   // Raw pointer reads/writes of the step counters: an op per tensor would
   // cost microseconds each.
