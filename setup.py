@@ -18,6 +18,12 @@ import sys
 
 from setuptools import setup
 
+def _isolated_build():
+    # pip's isolated build runs setup.py in a throw-away environment holding
+    # only [build-system].requires: a torch installed next to pip is invisible.
+    return any("pip-build-env-" in p for p in sys.path) or "PEP517_BUILD_BACKEND" in os.environ
+
+
 try:
     import torch
     from torch.utils.cpp_extension import (
@@ -27,13 +33,25 @@ try:
         CUDAExtension,
     )
 except ImportError:  # pragma: no cover - the message is the point
+    if _isolated_build():
+        why = (
+            "pip is building torch_fastaccum in an isolated environment, which cannot see the\n"
+            "torch installed in your environment (this package builds against that torch, so\n"
+            "torch is deliberately not a build requirement). Build without isolation:\n"
+            "    pip install --no-build-isolation .      # regular install\n"
+            "    pip install --no-build-isolation -e .   # editable install\n"
+            "    pip wheel --no-build-isolation --no-deps -w dist .   # a wheel (or: make wheel)\n"
+        )
+    else:
+        why = (
+            "torch_fastaccum builds against the torch already installed in this environment,\n"
+            "and there is none. Install torch first, then build without isolation:\n"
+            "    pip install torch==2.13.0   # or the torch you use\n"
+            "    pip install --no-build-isolation -e .\n"
+        )
     sys.exit(
-        "torch_fastaccum builds against the torch already installed, which was not found.\n"
-        "Install torch first, then build without isolation:\n"
-        "    pip install torch==2.13.0   # or the torch you use\n"
-        "    pip install --no-build-isolation -e .\n"
-        "(An isolated build would download the newest CUDA torch and compile against "
-        "a different ABI than the one you run.)"
+        why + "(An isolated build would need torch as a build requirement: pip would download the\n"
+        "newest CUDA torch, gigabytes, and compile against an ABI you do not run.)"
     )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,7 +81,9 @@ if use_cuda and not cuda_sources:
 # No -march=native: the wheel must run on any x86-64 CPU torch supports. The
 # CPU kernels are memory-bound and reach bandwidth with the baseline ISA (see
 # benchmarks/results); fp16/bf16 conversion is the only place wider ISAs help.
-cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3", "-DNDEBUG"] + os.getenv("FASTACCUM_EXTRA_CFLAGS", "").split()
+# -g0: Python's own CFLAGS (sysconfig) carry -g, which would make the
+# extension 10 MB of debug info instead of ~300 KB.
+cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3", "-DNDEBUG", "-g0"] + os.getenv("FASTACCUM_EXTRA_CFLAGS", "").split()
 cxx_flags += ["-fopenmp"] if sys.platform.startswith("linux") else []
 nvcc_flags = (["-O0", "-g", "-lineinfo"] if DEBUG else ["-O3", "-DNDEBUG", "-lineinfo"]) + [
     "--expt-relaxed-constexpr",
@@ -115,8 +135,18 @@ def _has_bdist_wheel():
     return False
 
 
+def _torch_requirement():
+    # The binary links against this torch's C++ symbols, which change between
+    # releases (see README, "Wheels and the torch ABI"): the wheel says so.
+    # The local label (+cpu, +cu130) is dropped so that pip accepts either
+    # build of that release.
+    release = torch.__version__.split("+")[0]
+    return "torch==" + release
+
+
 setup(
     ext_modules=[ext],
+    install_requires=[_torch_requirement()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     # One abi3 wheel for every CPython >= 3.10 (the extension uses the limited API).
     options={"bdist_wheel": {"py_limited_api": "cp310"}} if _has_bdist_wheel() else {},
