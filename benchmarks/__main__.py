@@ -1,6 +1,11 @@
 """python -m benchmarks: parity verdict and speed table, side by side in one run.
 
-Writes <out>/<device>-<date>.json (machine-readable) and .md (the table).
+Writes <out>/<device>-<date>.json (machine-readable), .md (the tables) and
+.png (the plot), all three with one stem; a stem already used in <out> (an
+earlier run the same day) gets -2, -3, ... instead of being overwritten. Both
+files record the code (package version, git commit), the command line, the
+machine and the time of the run; every timing keeps min, median and spread
+and says when it is noisy (benchmarks/stats.py).
 With --time-budget SECONDS the run plans its stages to end within that many
 seconds (benchmarks/budget.py) and records every cut or skip in both files.
 """
@@ -11,21 +16,22 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import re
+import shlex
 import sys
 import time
 
 import torch
 
-import torch_fastaccum
+import torch_fastaccum  # noqa: F401  (registers torch.ops.fastaccum)
 
 from .budget import E2E_SHARE, MIN_REPEATS, PARITY_SHARE, TimeBudget
 from .e2e import time_e2e
+from .meta import loadavg, machine, run_info, unique_stem
 from .parity import run_parity
 from .plot import write_png
-from .speed import copy_bandwidth, cases, time_case
-
+from .speed import annotate_copy_fraction, cases, copy_numel, measure_copy, time_case
+from .stats import NOISY_RATIO, SPREAD_DEFINITION
 
 def _progress(label: str):
     start = time.perf_counter()
@@ -46,71 +52,184 @@ def _progress(label: str):
     return report
 
 
-def machine(device: str) -> dict:
-    info = {
-        "device": device,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu_kernels": torch.ops.fastaccum._cpu_capability(),
-        "date": dt.date.today().isoformat(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"model name\s*:\s*(.*)", f.read())
-        info["cpu"] = m.group(1).strip() if m else platform.processor()
-    except OSError:
-        info["cpu"] = platform.processor()
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+PATH_KEYS = ("torch_default", "torch_fused", "fastaccum", "fastaccum_no_writeback")
+PATH_NAMES = {
+    "torch_default": "torch default",
+    "torch_fused": "torch `fused=True`",
+    "fastaccum": "fastaccum",
+    "fastaccum_no_writeback": "fastaccum `grad_writeback=False`",
+    "fastaccum_forward_order": "fastaccum, forward update order",
+}
+NOISY_MARK = "⚠"
+THREADS_FROM = {
+    "--threads": "set by `--threads`",
+    "--quick": "the `--quick` default on a CPU; `--threads N` to change",
+    "default": "torch's default",
+}
 
 
-def markdown(result: dict) -> str:
-    m = result["machine"]
+def _mib(nbytes) -> str:
+    return "?" if not nbytes else f"{nbytes / 2**20:,.0f} MiB"
+
+
+def _git_text(run: dict) -> str:
+    git = run.get("git") or {}
+    if not git.get("commit"):
+        return "not a git checkout"
+    dirty = {True: " + uncommitted changes", False: ", clean", None: ""}[git.get("dirty")]
+    return f"git `{git['commit'][:12]}`{dirty}"
+
+
+def _load(avg) -> str:
+    return "?" if avg is None else f"{avg:.2f}"
+
+
+def _header(result: dict) -> list[str]:
+    m, run = result["machine"], result["run"]
     name = m.get("gpu") or m["cpu"]
-    lines = [
+    device = f"`{m['device']}`: {m['gpu']} (CUDA {m.get('cuda')}), host CPU {m['cpu']}" if m.get("gpu") \
+        else f"`{m['device']}`: {m['cpu']}"
+    command = "python -m benchmarks" + ("" if not run["argv"] else " " + shlex.join(run["argv"]))
+    return [
         f"# torch_fastaccum benchmark: {name}",
         "",
-        f"{m['date']}, torch {m['torch']}, device `{m['device']}`, {m['threads']} threads, "
-        f"CPU kernels `{m['cpu_kernels']}`. Produced by `python -m benchmarks`.",
-        "",
-        "## Parity (reference: torch.optim.SGD + torch.amp.GradScaler, loss / K)",
+        "| run | |",
+        "|---|---|",
+        f"| date | {run['datetime']} |",
+        f"| code | torch_fastaccum {run.get('package_version') or '?'}, {_git_text(run)} |",
+        f"| command | `{command}` |",
+        f"| torch | {m['torch']}, Python {m['python']} |",
+        f"| device | {device} |",
+        f"| threads | {m['threads']} torch thread{'s' if m['threads'] != 1 else ''} on "
+        f"{m.get('cpu_count') or '?'} CPUs ({THREADS_FROM.get(result.get('settings', {}).get('threads_from'), '?')}"
+        f"), parity on {result['parity'].get('threads', m['threads'])}; CPU kernels `{m['cpu_kernels']}` |",
+        f"| last-level cache | {m.get('last_level_cache', 'L3')} {_mib(m.get('last_level_cache_bytes'))} |",
+        f"| load average | {_load(run.get('loadavg_start'))} at the start, {_load(run.get('loadavg_end'))} at the "
+        f"end (1-minute; above {m.get('cpu_count') or '?'}, other work was competing for the CPUs) |",
+        f"| wall time | {run['wall_s']:.1f} s ("
+        + "".join(f"{k} {v:.1f} s, " for k, v in run.get("stages_s", {}).items())
+        + "from the first measurement to the files; Python start-up and imports not included) |",
         "",
     ]
-    p = result["parity"]
-    lines += [
+
+
+def _parity(p: dict) -> list[str]:
+    losses = p.get("ref_loss") or [float("nan")]
+    return [
+        "## Parity (reference: torch.optim.SGD + torch.amp.GradScaler, loss / K)",
+        "",
         f"- verdict: **{'PASS' if p['pass'] else 'FAIL'}**",
         f"- {p['updates']} updates"
         + (f" (of {p['updates_planned']} planned: cut by the time budget)" if p.get("cut_by_budget") else "")
         + f", K={p['accumulation_steps']}, {p['micro_batches']} micro-batches, "
         f"overflow injected at micro-batches {p['overflow_micro_batches']}",
-        f"- max |param diff| {p['max_param_abs_diff']:.3g} (max |param| {p['max_param_abs']:.3g})",
+        f"- max |param diff| {p['max_param_abs_diff']:.3g} (max |param| {p['max_param_abs']:.3g}); "
+        f"parameters bit for bit identical: {p.get('params_bitwise_identical')}",
         f"- skip decisions identical: {p['skips_identical']} ({p['skipped_windows']} windows skipped)",
         f"- scale history identical: {p['scale_history_identical']} (final scale {p['final_scale']:g})",
         f"- max loss-curve difference: {p['max_loss_curve_diff']:.3g}",
+        f"- data: {p.get('data', 'synthetic')}; the reference loss went from {losses[0]:.3f} "
+        f"(ln 10 = 2.303 is chance level) in the first window to {losses[-1]:.3f} in the last",
         "",
-        "## Optimizer step with a scaler (`scaler.step(opt); scaler.update()`), median",
-        "",
-        f"Copy bandwidth measured in this run: {result['copy_gbps']:.1f} GB/s. GB/s below counts each "
-        "path's minimum traffic per fp32 parameter: grad read twice, param and momentum read and written "
-        "(24 B), plus the unscaled grad written back (28 B) where `.grad` ends as torch leaves it: torch's "
-        "paths and fastaccum's default; `grad_writeback=False` leaves the scaled grad (24 B). "
-        "Loss scale 1 + 2^-10, so every step unscales.",
+    ]
+
+
+def _cell(ms: float, stats: dict) -> str:
+    return f"{ms:.3f}" + (f" {NOISY_MARK}" if stats.get("noisy") else "")
+
+
+def _pct(v: dict, cache: str) -> str:
+    frac = v.get("fraction_of_copy")
+    if frac is None:
+        return "?"
+    return f"{100 * frac:.0f}%" + (f" ({cache})" if v.get("cache_resident") else "")
+
+
+def _speed(result: dict) -> list[str]:
+    speed = result["speed"]
+    copy = result.get("copy") or {}
+    cache = result["machine"].get("last_level_cache", "L3")
+    cache_bytes = result["machine"].get("last_level_cache_bytes")
+    lines = ["## Optimizer step with a scaler (`scaler.step(opt); scaler.update()`)", ""]
+    if not speed:
+        why = "skipped (`--skip-speed`)" if result.get("run", {}).get("args", {}).get("skip_speed") \
+            else "no case ran"
+        return lines + [why, ""]
+    if copy:
+        big = copy.get("exceeds_cache")
+        lines += [
+            f"Copy bandwidth (the reference of \"% of copy\"): **{copy['gbps']:.1f} GB/s**, the best of "
+            f"{copy['runs']} copies of {_mib(copy['working_set_bytes'] // 2)} (median of those "
+            f"{copy['median_gbps']:.1f} GB/s; source and destination together "
+            + (f"{_mib(copy['working_set_bytes'])}, " + ("more than" if big else "NOT more than")
+               + f" the {cache} of {_mib(cache_bytes)}" if big is not None else f"{_mib(copy['working_set_bytes'])}")
+            + ").",
+            "",
+        ]
+    paths_all = [(c, k) for c in speed for k in c["paths"]]
+    noisy = [(c, k) for c, k in paths_all if c["paths"][k].get("noisy")]
+    cached = [(c, k) for c, k in paths_all if c["paths"][k].get("cache_resident")]
+    lines += [
+        f"**{len(noisy)} of {len(paths_all)} path timings are noisy** ({NOISY_MARK}: median/min > "
+        f"{NOISY_RATIO}): " + ("their medians overstate the cost, rerun on a quiet machine before quoting them."
+                               if noisy else "none."),
         "",
         "| case | torch default ms | torch fused ms | fastaccum ms (28 B) | vs default | vs fused "
-        "| fastaccum GB/s | % of copy | `grad_writeback=False` ms (24 B) | its GB/s | write-back cost |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| fastaccum GB/s | % of copy | `grad_writeback=False` ms (24 B) | its GB/s | its % of copy "
+        "| write-back cost |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for c in result["speed"]:
-        d, f, o, n = (c["paths"][k] for k in ("torch_default", "torch_fused", "fastaccum", "fastaccum_no_writeback"))
+    for c in speed:
+        d, f, o, n = (c["paths"][k] for k in PATH_KEYS)
         lines.append(
-            f"| {c['case']} | {d['ms']:.3f} | {f['ms']:.3f} | {o['ms']:.3f} | "
+            f"| {c['case']} | {_cell(d['ms'], d)} | {_cell(f['ms'], f)} | {_cell(o['ms'], o)} | "
             f"{c['speedup_vs_torch_default']:.2f}x | {c['speedup_vs_torch_fused']:.2f}x | "
-            f"{o['gbps']:.1f} | {100 * o['gbps'] / result['copy_gbps']:.0f}% | "
-            f"{n['ms']:.3f} | {n['gbps']:.1f} | {c['writeback_cost']:.2f}x |"
+            f"{o['gbps']:.1f} | {_pct(o, cache)} | {_cell(n['ms'], n)} | {n['gbps']:.1f} | {_pct(n, cache)} | "
+            f"{c['writeback_cost']:.2f}x |"
         )
-    if any("host_syncs" in c["paths"]["fastaccum"] for c in result["speed"]):
+    lines += [
+        "",
+        "Timings of every path (the medians above come from here):",
+        "",
+        "| case | path | repeats | min ms | median ms | p90 ms | spread | median/min | noisy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for c in speed:
+        for k, v in c["paths"].items():
+            lines.append(
+                f"| {c['case']} | {PATH_NAMES.get(k, k)} | {v['samples']} | {v['min_ms']:.3f} | "
+                f"{v['median_ms']:.3f} | {v['p90_ms']:.3f} | {v['spread']:.2f} | {v['median_over_min']:.2f} | "
+                + (f"{NOISY_MARK} noisy" if v["noisy"] else "") + " |"
+            )
+    lines += [
+        "",
+        "Legend:",
+        "",
+        "- ms: the **median** of the timed repeats (run round-robin over the paths after "
+        f"{speed[0].get('warmup', 3)} warm-up rounds); **min**: the fastest repeat; "
+        f"**spread** = {SPREAD_DEFINITION} (p90: 90th percentile), how far the slow tail reaches relative to "
+        "the typical repeat.",
+        f"- {NOISY_MARK} **noisy**: median/min > {NOISY_RATIO}, i.e. at least half the repeats took 30% more "
+        "than the fastest: something else had the cores (see the load average above). The ratios computed "
+        "from such a median are not to be trusted; rerun on a quiet machine, or with `--threads 1`, which "
+        "keeps OpenMP threads from waiting at barriers for a busy core.",
+        "- GB/s counts each path's minimum traffic per fp32 parameter at its median time: grad read twice, "
+        "param and momentum read and written (24 B), plus the unscaled grad written back (28 B) where `.grad` "
+        "ends as torch leaves it: torch's paths and fastaccum's default; `grad_writeback=False` leaves the "
+        "scaled grad (24 B). Loss scale 1 + 2^-10, so every step unscales.",
+        f"- **% of copy**: that GB/s over the best copy bandwidth above. **({cache})**: over 100%: the path "
+        "moved its counted bytes faster than the best plain copy, so the figure is not a fraction of DRAM "
+        f"bandwidth. Mostly the {cache} cache ({_mib(cache_bytes)} here) served part of the working set: "
+        "the update pass walks the tensors in reverse order and reads first the grads the check pass read "
+        "last, still in cache, and small cases fit whole (each path keeps param, grad and momentum alive: "
+        "`working_set_bytes` in the JSON). The copy's count also leaves out that, with ordinary stores, "
+        "each destination line is read before it is written."
+        + (f" {len(cached)} of {len(paths_all)} figures here are." if cached else "")
+        + (f" Here the copy's own buffers fit in the {cache} (a quick run keeps them small), so the "
+           "reference may itself be partly cache-served: figures under 100% can be cache-assisted too."
+           if copy.get("exceeds_cache") is False else ""),
+    ]
+    if any("host_syncs" in c["paths"]["fastaccum"] for c in speed):
         lines += [
             "",
             "Host syncs / kernel launches per step (sync debug mode, profiler):",
@@ -118,51 +237,78 @@ def markdown(result: dict) -> str:
             "| case | torch default | torch fused | fastaccum | `grad_writeback=False` |",
             "|---|---:|---:|---:|---:|",
         ]
-        for c in result["speed"]:
+        for c in speed:
             cells = [f"{c['paths'][k].get('host_syncs', '?')} / {c['paths'][k].get('kernel_launches', '?')}"
-                     for k in ("torch_default", "torch_fused", "fastaccum", "fastaccum_no_writeback")]
+                     for k in PATH_KEYS]
             lines.append(f"| {c['case']} | " + " | ".join(cells) + " |")
-    orders = [c for c in result["speed"] if "reverse_order_speedup" in c]
+    orders = [c for c in speed if "reverse_order_speedup" in c]
     if orders:
         lines += ["", "Update pass order (reverse = read first what the check pass read last):", ""]
         for c in orders:
             lines.append(f"- {c['case']}: forward {c['paths']['fastaccum_forward_order']['ms']:.3f} ms, "
                          f"reverse {c['paths']['fastaccum']['ms']:.3f} ms ({c['reverse_order_speedup']:.3f}x)")
-    e = result.get("e2e")
-    if e:
-        lines += [
-            "",
-            f"## End to end: the CNN training loop, K={e['accumulation_steps']}, micro-batch {e['micro_batch']}",
-            "",
-            "| loop | ms per micro-batch |",
-            "|---|---:|",
-            f"| torch SGD + GradScaler, loss / K | {e['torch_default_ms_per_micro_batch']:.3f} |",
-            f"| AccumOptimizer + GradScaler | {e['fastaccum_ms_per_micro_batch']:.3f} |",
-            "",
-            f"Speed-up {e['speedup']:.2f}x (forward and backward dominate a model this small; the "
-            "optimizer-step table above isolates the part this package changes).",
-        ]
-    b = result.get("budget")
-    if b:
-        lines += [
-            "",
-            f"## Time budget (`--time-budget {b['seconds']:g}`)",
-            "",
-            f"Used {b['used_s']:.1f} s of {b['seconds']:g} s (parity may take {b['parity_share']:.0%}, "
-            f"{b['e2e_share']:.0%} is held back for the end-to-end loop, a speed case keeps at least "
-            f"{b['min_repeats']} timed repeats). Stage times: "
-            + ", ".join(f"{k} {v:.1f} s" for k, v in b["stages_s"].items()) + ".",
-            "",
-        ]
-        for c in result["speed"]:
-            cb = c.get("budget")
-            if cb:
-                lines.append(f"- speed {c['case']}: {cb['repeats_taken']} of {cb['repeats_planned']} timed repeats"
-                             + (" (cut by the budget)" if cb["cut_by_budget"] else "") + f", {cb['case_s']:.1f} s")
-        lines += [f"- {n}" for n in b["notes"]]
-        if not b["notes"] and not any(c.get("budget", {}).get("cut_by_budget") for c in result["speed"]):
-            lines.append("- nothing was cut or skipped")
     lines.append("")
+    return lines
+
+
+def _e2e(e: dict) -> list[str]:
+    lines = [
+        f"## End to end: the CNN training loop, K={e['accumulation_steps']}, micro-batch {e['micro_batch']}",
+        "",
+        f"{e['blocks']} timed blocks of {e['micro_batches_per_block']} micro-batches per loop, alternating.",
+        "",
+        "| loop | median ms per micro-batch | min ms | spread | median/min | noisy |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    names = {"torch_default": "torch SGD + GradScaler, loss / K", "fastaccum": "AccumOptimizer + GradScaler"}
+    for key, label in names.items():
+        st = e.get("loops", {}).get(key)
+        if st:
+            lines.append(f"| {label} | {st['median_ms']:.3f} | {st['min_ms']:.3f} | {st['spread']:.2f} | "
+                         f"{st['median_over_min']:.2f} | " + (f"{NOISY_MARK} noisy" if st["noisy"] else "") + " |")
+        else:
+            lines.append(f"| {label} | {e[key + '_ms_per_micro_batch']:.3f} | | | | |")
+    lines += [
+        "",
+        f"Speed-up {e['speedup']:.2f}x (medians; forward and backward dominate a model this small; the "
+        "optimizer-step table above isolates the part this package changes)."
+        + (f" {NOISY_MARK} noisy: do not quote this ratio." if e.get("noisy") else ""),
+        "",
+    ]
+    return lines
+
+
+def _budget(result: dict) -> list[str]:
+    b = result["budget"]
+    lines = [
+        f"## Time budget (`--time-budget {b['seconds']:g}`)",
+        "",
+        f"Used {b['used_s']:.1f} s of {b['seconds']:g} s (parity may take {b['parity_share']:.0%}, "
+        f"{b['e2e_share']:.0%} is held back for the end-to-end loop, a speed case keeps at least "
+        f"{b['min_repeats']} timed repeats). Stage times: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in b["stages_s"].items()) + ".",
+        "",
+    ]
+    for c in result["speed"]:
+        cb = c.get("budget")
+        if cb:
+            lines.append(f"- speed {c['case']}: {cb['repeats_taken']} of {cb['repeats_planned']} timed repeats"
+                         + (" (cut by the budget)" if cb["cut_by_budget"] else "") + f", {cb['case_s']:.1f} s")
+    lines += [f"- {n}" for n in b["notes"]]
+    if not b["notes"] and not any(c.get("budget", {}).get("cut_by_budget") for c in result["speed"]):
+        lines.append("- nothing was cut or skipped")
+    lines.append("")
+    return lines
+
+
+def markdown(result: dict) -> str:
+    lines = _header(result) + _parity(result["parity"]) + _speed(result)
+    if result.get("e2e"):
+        lines += _e2e(result["e2e"])
+    elif result.get("e2e_skipped"):
+        lines += ["## End to end", "", f"Skipped: {result['e2e_skipped']}.", ""]
+    if result.get("budget"):
+        lines += _budget(result)
     return "\n".join(lines)
 
 
@@ -173,25 +319,50 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--quick", action="store_true", help="small run for CI / a first look (< 1 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true",
+                    help="small run for CI / a first look, every table row in reduced form: 30 parity "
+                         "updates, the speed cases at a tenth of their size above 1M elements, 7 repeats, "
+                         "a short end-to-end loop, one thread on a CPU (~10 s on 2 cores; see README)")
     ap.add_argument("--updates", type=int, default=None, help="parity: optimizer updates (default 100, quick 30)")
     ap.add_argument("--accumulation-steps", type=int, default=4, help="parity: K micro-batches per update")
     ap.add_argument("--repeats", type=int, default=None, help="speed: timed repeats per path (default 20, quick 7)")
-    ap.add_argument("--out", default="bench_out", help="output folder for the .json and .md (default bench_out/)")
+    ap.add_argument("--out", default="bench_out",
+                    help="output folder for the .json, .md and .png (default bench_out/); an existing "
+                         "<device>-<date> stem there gets -2, -3, ... rather than being overwritten")
     ap.add_argument("--skip-speed", action="store_true", help="parity only (no step-time table, no end-to-end)")
     ap.add_argument("--e2e-blocks", type=int, default=None,
-                    help="end-to-end: timed blocks of 8 updates per loop (default 5, quick 2; 0 skips)")
+                    help="end-to-end: timed blocks per loop, of 8 updates (quick: 2) (default 5, quick 2; 0 skips)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads for the timings (default: torch's choice, but 1 for a "
+                         "quick CPU run; recorded in the results); parity always runs on one")
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="plan the run to end within SECONDS (from the start of the measurements): parity "
                          f"stops after {PARITY_SHARE * 100:.0f}%% of it, speed cases cut their repeats (never below "
                          f"{MIN_REPEATS}) or are skipped, the end-to-end loop times what still fits; every "
                          "cut is recorded in the .json and .md. Default: no budget")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     if args.time_budget is not None and args.time_budget <= 0:
         ap.error("--time-budget must be positive")
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be at least 1")
+    threads = args.threads
+    if threads is None and args.quick and args.device == "cpu":
+        # Measured on the project's 2-core machine while other jobs kept it
+        # busy (load ~4): with 2 threads the quick run took 38-56 s, torch's
+        # fused step waited up to 1.9 s at OpenMP barriers for 1,000 small
+        # tensors and 23 of 28 timings were noisy; with 1 thread it took 9 s
+        # and none was.
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
 
+    started = dt.datetime.now().astimezone()
+    t_run = time.perf_counter()
     updates = args.updates or (30 if args.quick else 100)
     repeats = args.repeats or (7 if args.quick else 20)
+    warmup = 2 if args.quick else 3
+    block_updates = 2 if args.quick else 8
     k = args.accumulation_steps
     # Overflows in the very first window, mid-run, and two windows in a row.
     overflow = sorted({0, k * (updates // 3) + 1, k * (updates // 2), k * (updates // 2 + 1)})
@@ -202,11 +373,15 @@ def main(argv=None) -> int:
         budget.note(text)
         sys.stderr.write(f"time budget: {text}\n")
 
+    stages = {}  # seconds per stage, kept in every run (the budget keeps its own copy)
+
     def stage_done(name, t0):
+        stages[name] = round(time.perf_counter() - t0, 2)
         if budget is not None:
             budget.record_stage(name, time.perf_counter() - t0)
 
-    result = {"machine": machine(args.device)}
+    mach = machine(args.device)
+    result = {"machine": mach, "run": run_info(argv, args, started)}
     t0 = time.perf_counter()
     result["parity"] = run_parity(updates, k, overflow, args.device, _progress("parity"),
                                   deadline=budget.deadline(PARITY_SHARE) if budget else None)
@@ -214,11 +389,15 @@ def main(argv=None) -> int:
     if result["parity"].get("cut_by_budget"):
         note(f"parity: stopped after {result['parity']['updates']} of {updates} updates "
              f"(its share is {PARITY_SHARE:.0%} of the budget); the verdict covers those")
-    t0 = time.perf_counter()
-    result["copy_gbps"] = copy_bandwidth(args.device, 25_000_000 if args.device == "cuda" else 10_000_000)
-    stage_done("copy_bandwidth", t0)
     result["speed"] = []
+    blocks = 0
     if not args.skip_speed:
+        t0 = time.perf_counter()
+        result["copy"] = measure_copy(
+            args.device, copy_numel(args.device, mach["last_level_cache_bytes"], args.quick),
+            runs=5 if args.quick else 7, cache_bytes=mach["last_level_cache_bytes"])
+        result["copy_gbps"] = result["copy"]["gbps"]
+        stage_done("copy_bandwidth", t0)
         todo = cases(args.device, args.quick)
         blocks = args.e2e_blocks if args.e2e_blocks is not None else (2 if args.quick else 5)
         reserve = budget.total * E2E_SHARE if budget is not None and blocks > 0 else 0.0
@@ -227,7 +406,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         for i, (name, sizes, dtype) in enumerate(todo):
             if budget is None:
-                result["speed"].append(time_case(name, sizes, dtype, args.device, repeats))
+                c = time_case(name, sizes, dtype, args.device, repeats, warmup=warmup)
+                result["speed"].append(annotate_copy_fraction(c, result["copy_gbps"]))
             else:
                 left = budget.left() - reserve
                 need = budget.expected_min_cost(sum(sizes))
@@ -238,14 +418,14 @@ def main(argv=None) -> int:
                     note(f"speed {name}: {why}")
                 else:
                     share = budget.speed_share(len(todo) - i, reserve)
-                    c = time_case(name, sizes, dtype, args.device, repeats,
+                    c = time_case(name, sizes, dtype, args.device, repeats, warmup=warmup,
                                   deadline=budget.now() + share, reserve_s=counts_s)
                     counts_s = c["budget"]["counts_s"]
                     budget.record_case_min_cost(sum(sizes), c["budget"]["min_part_s"])
                     if c["budget"]["cut_by_budget"]:  # the case's "budget" entry records it
                         sys.stderr.write(f"time budget: speed {name}: {c['budget']['repeats_taken']} of "
                                          f"{repeats} timed repeats (its share: {share:.1f} s)\n")
-                    result["speed"].append(c)
+                    result["speed"].append(annotate_copy_fraction(c, result["copy_gbps"]))
             bar(i + 1, len(todo))
         stage_done("speed", t0)
         if blocks > 0:
@@ -255,7 +435,7 @@ def main(argv=None) -> int:
                 note(f"end to end: {result['e2e_skipped']}")
             else:
                 sys.stderr.write("end-to-end training loop timing...\n")
-                e = time_e2e(args.device, k, blocks, block_updates=8,
+                e = time_e2e(args.device, k, blocks, block_updates=block_updates,
                              deadline=budget.deadline() if budget else None)
                 if "skipped" in e:
                     result["e2e_skipped"] = e["skipped"]
@@ -267,18 +447,38 @@ def main(argv=None) -> int:
             stage_done("e2e", t0)
     if budget is not None:
         result["budget"] = budget.as_dict()
+    result["settings"] = {"updates": updates, "accumulation_steps": k, "overflow_micro_batches": overflow,
+                          "repeats": repeats, "warmup": warmup, "e2e_blocks": blocks,
+                          "e2e_block_updates": block_updates, "quick": args.quick,
+                          "threads": torch.get_num_threads(),
+                          "threads_from": "--threads" if args.threads is not None
+                          else "--quick" if threads is not None else "default"}
+    result["noisy"] = any(c.get("noisy") for c in result["speed"]) or bool(result.get("e2e", {}).get("noisy"))
 
     os.makedirs(args.out, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", result["machine"].get("gpu") or args.device).strip("-").lower()
-    stem = os.path.join(args.out, f"{slug}-{result['machine']['date']}")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", mach.get("gpu") or args.device).strip("-").lower()
+    stem = unique_stem(args.out, f"{slug}-{result['run']['date']}")
+    try:
+        why_not = write_png(result, stem + ".png")
+    except Exception as e:  # the numbers stand without their plot
+        why_not = f"plot failed: {type(e).__name__}: {e}"
+    written = [stem + ".json", stem + ".md"] + ([] if why_not else [stem + ".png"])
+    result["files"] = written
+    result["plot_skipped"] = why_not
+    result["run"]["wall_s"] = round(time.perf_counter() - t_run, 2)
+    result["run"]["stages_s"] = stages
+    result["run"]["loadavg_end"] = loadavg()
     md = markdown(result)
     with open(stem + ".md", "w") as f:
         f.write(md)
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
     print(md)
-    why_not = write_png(result, stem + ".png")
-    print(f"wrote {stem}.json, {stem}.md" + (f" ({why_not})" if why_not else f" and {stem}.png"))
+    if why_not:
+        print(f"no PNG: {why_not}")
+    print("wrote:")
+    for path in written:
+        print(f"  {path}")
     return 0 if result["parity"]["pass"] else 1
 
 

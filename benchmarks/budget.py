@@ -5,7 +5,8 @@ run plans its stages against the clock, in this order:
 
 * parity: may use up to PARITY_SHARE of the budget; past that it stops at the
   end of the current accumulation window and judges the windows it ran;
-* copy bandwidth: a dozen copies, never cut;
+* copy bandwidth (the reference of the speed table): 2 warm-up copies and
+  the best of 7 timed ones (5 in a quick run), never cut;
 * speed cases: each case gets an equal share of what is left (less the
   end-to-end reserve). A case runs its warm-up and MIN_REPEATS timed rounds,
   then keeps only as many further rounds as its share still holds. A case

@@ -4,7 +4,6 @@ run in alternating blocks so machine drift hits both alike."""
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -13,16 +12,18 @@ from torch import nn
 from torch_fastaccum import AccumOptimizer, GradScaler
 
 from .models import Net, synthetic_batches
+from .stats import summarize
 
 
 def time_e2e(device: str, k: int, blocks: int, block_updates: int,
-             deadline: float | None = None, clock=time.perf_counter) -> dict:
-    """Median ms per micro-batch of both loops over `blocks` timed blocks.
+             deadline: float | None = None, clock=time.perf_counter, micro_batch: int = 64) -> dict:
+    """Median ms per micro-batch of both loops over `blocks` timed blocks
+    (and min, spread and the noisy flag of each loop: benchmarks/stats.py).
 
     With a `deadline` (a `clock` value) the warm-up block is timed first and
     only as many blocks as end before the deadline are timed; when not one
     fits, the result has "skipped" (the reason) and no timings."""
-    data = [(x.to(device), y.to(device)) for x, y in synthetic_batches(k * block_updates, 64, seed=3)]
+    data = [(x.to(device), y.to(device)) for x, y in synthetic_batches(k * block_updates, micro_batch, seed=3)]
     loss_fn = nn.CrossEntropyLoss()
     hyper = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -78,10 +79,15 @@ def time_e2e(device: str, k: int, blocks: int, block_updates: int,
             sync()
             if b > 0:  # block 0 warms up
                 samples[name].append((time.perf_counter() - t0) / len(data))
-    out = {"accumulation_steps": k, "micro_batch": 64, "micro_batches_per_block": len(data), "blocks": blocks}
+    out = {"accumulation_steps": k, "micro_batch": micro_batch, "micro_batches_per_block": len(data),
+           "blocks": blocks, "loops": {}}
     if deadline is not None:
         out.update(blocks_planned=planned, cut_by_budget=blocks < planned)
     for name, s in samples.items():
-        out[name + "_ms_per_micro_batch"] = statistics.median(s) * 1e3
+        st = summarize(s)  # per micro-batch, in ms
+        out["loops"][name] = st
+        out[name + "_ms_per_micro_batch"] = st["median_ms"]
+        out[name + "_min_ms_per_micro_batch"] = st["min_ms"]
+    out["noisy"] = any(st["noisy"] for st in out["loops"].values())
     out["speedup"] = out["torch_default_ms_per_micro_batch"] / out["fastaccum_ms_per_micro_batch"]
     return out

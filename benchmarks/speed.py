@@ -7,7 +7,6 @@ keeps the scaled one), timed round-robin in one run."""
 from __future__ import annotations
 
 import os
-import statistics
 import time
 
 import torch
@@ -15,6 +14,7 @@ import torch
 from torch_fastaccum import AccumOptimizer, GradScaler
 
 from .budget import MIN_REPEATS, repeats_that_fit
+from .stats import fraction_of_copy, summarize
 
 PATHS = ("torch_default", "torch_fused", "fastaccum", "fastaccum_no_writeback")
 # Bytes each path must move per element: grad read twice (check + update),
@@ -29,12 +29,23 @@ ACCESSES = {"torch_default": 7, "torch_fused": 7, "fastaccum": 7, "fastaccum_no_
 SCALE = 1.0 + 2.0**-10
 
 
-def _make(path: str, sizes: list[int], dtype, device: str, seed: int):
+def _initial(sizes: list[int], dtype, device: str, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(param, grad) values of a case, drawn once from `seed`."""
     g = torch.Generator(device="cpu").manual_seed(seed)
+    return [(torch.randn(n, generator=g).to(device=device, dtype=dtype),
+             torch.randn(n, generator=g).to(device=device, dtype=dtype)) for n in sizes]
+
+
+def _make(path: str, sizes: list[int], dtype, device: str, seed: int, init=None):
+    """Optimizer and scaler of one path over fresh tensors. `init` (from
+    _initial with the same sizes) saves drawing the values again: every path
+    of a case starts from the same values, each from its own copy."""
+    if init is None:
+        init = _initial(sizes, dtype, device, seed)
     params = []
-    for n in sizes:
-        p = torch.nn.Parameter(torch.randn(n, generator=g).to(device=device, dtype=dtype))
-        p.grad = torch.randn(n, generator=g).to(device=device, dtype=dtype)
+    for value, grad in init:
+        p = torch.nn.Parameter(value.clone())
+        p.grad = grad.clone()
         params.append(p)
     hyper = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
     if path.startswith("fastaccum"):
@@ -72,7 +83,9 @@ def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, war
     MIN_REPEATS timed rounds, then only as many more of the `repeats` as end
     `reserve_s` before the deadline; out["budget"] says how many it took."""
     t_start = clock()
-    setups = {p: _make(p, sizes, dtype, device, seed=7) for p in PATHS}
+    init = _initial(sizes, dtype, device, seed=7)
+    setups = {p: _make(p, sizes, dtype, device, seed=7, init=init) for p in PATHS}
+    del init
     timer = _timer(device)
     # (label, setup, FASTACCUM_CUDA_UPDATE_ORDER): on CUDA the fused path also
     # runs with the update walking the lists forward, to measure whether the
@@ -113,13 +126,15 @@ def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, war
     numel = sum(sizes)
     elem = torch.empty((), dtype=dtype).element_size()
     out = {"case": name, "tensors": len(sizes), "numel": numel, "dtype": str(dtype).replace("torch.", ""),
-           "min_bytes": 7 * elem * numel, "paths": {}}
+           "min_bytes": 7 * elem * numel,
+           # param, grad and momentum of one path; the case keeps all its paths alive
+           "working_set_bytes": 3 * elem * numel, "warmup": warmup, "paths": {}}
     for p in samples:
-        med = statistics.median(samples[p])
+        st = summarize(samples[p])
         min_bytes = ACCESSES[p] * elem * numel  # see ACCESSES
-        out["paths"][p] = {"ms": med * 1e3, "gbps": min_bytes / med / 1e9, "min_bytes": min_bytes,
-                           "min_ms": min(samples[p]) * 1e3, "samples": len(samples[p]),
-                           "spread": (max(samples[p]) - min(samples[p])) / med}
+        out["paths"][p] = {"ms": st["median_ms"], "gbps": min_bytes / st["median_ms"] / 1e6,
+                           "gbps_at_min": min_bytes / st["min_ms"] / 1e6, "min_bytes": min_bytes, **st}
+    out["noisy"] = any(v["noisy"] for v in out["paths"].values())
     t_counts = clock()
     if min_part_s is None:  # every planned round was part of the minimum
         min_part_s = t_counts - t_start
@@ -187,19 +202,66 @@ def count_syncs_and_launches(sizes: list[int], dtype, device: str) -> dict:
     return out
 
 
-def copy_bandwidth(device: str, numel: int, repeats: int = 10) -> float:
-    """Measured copy bandwidth (read + write bytes / s) on this device."""
-    a = torch.randn(numel, device=device)
-    b = torch.empty_like(a)
+def copy_numel(device: str, cache_bytes: int | None, quick: bool = False) -> int:
+    """fp32 elements per buffer of the copy reference: each buffer as large as
+    the last-level cache (so source and destination together are twice its
+    size and the copy streams from DRAM), within 10M-128M elements on a CPU
+    (a quick run: 10M-32M, which may leave the copy partly in a large L3: the
+    result says so) and at least 25M on a GPU."""
+    if device == "cuda":
+        return max(25_000_000, (cache_bytes or 0) // 4)
+    hi = 32_000_000 if quick else 128_000_000
+    return min(hi, max(10_000_000, (cache_bytes or 0) // 4))
+
+
+def measure_copy(device: str, numel: int, runs: int = 7, warmup: int = 2, cache_bytes: int | None = None) -> dict:
+    """Copy bandwidth (read + write bytes / s) of `numel` fp32 elements: the
+    best of `runs` timed copies after `warmup` ones (the fastest copy is the
+    one least disturbed by anything else; the reference should be the
+    device's real ceiling), with every run's figure kept."""
+    a = torch.empty(numel, device=device).fill_(1.0)
+    b = torch.empty_like(a).fill_(0.0)  # touched: page faults stay out of the timing
     timer = _timer(device)
-    for _ in range(2):
+    for _ in range(warmup):
         timer(lambda: b.copy_(a))
-    t = statistics.median(timer(lambda: b.copy_(a)) for _ in range(repeats))
-    return 2 * a.numel() * a.element_size() / t / 1e9
+    ts = [timer(lambda: b.copy_(a)) for _ in range(runs)]
+    nbytes = 2 * a.numel() * a.element_size()
+    st = summarize(ts)
+    del a, b
+    return {
+        "gbps": nbytes / min(ts) / 1e9,  # best run: the reference
+        "median_gbps": nbytes / st["median_ms"] / 1e6,
+        "runs_gbps": [nbytes / t / 1e9 for t in ts],
+        "runs": runs,
+        "numel": numel,
+        "working_set_bytes": nbytes,
+        "exceeds_cache": None if not cache_bytes else nbytes > cache_bytes,
+        "noisy": st["noisy"],
+        "median_over_min": st["median_over_min"],
+    }
+
+
+def copy_bandwidth(device: str, numel: int, repeats: int = 10) -> float:
+    """Best copy bandwidth in GB/s of `repeats` runs (see measure_copy)."""
+    return measure_copy(device, numel, runs=repeats)["gbps"]
+
+
+def annotate_copy_fraction(case: dict, copy_gbps: float | None) -> dict:
+    """Adds each path's fraction of the copy bandwidth and its cache_resident
+    flag (a fraction over 1: see stats.fraction_of_copy) to a time_case result."""
+    for v in case["paths"].values():
+        frac, cached = fraction_of_copy(v["gbps"], copy_gbps)
+        v["fraction_of_copy"] = frac
+        v["cache_resident"] = cached
+    case["cache_resident"] = any(v["cache_resident"] for v in case["paths"].values())
+    return case
 
 
 def cases(device: str, quick: bool):
-    """(name, sizes, dtype) of the benchmark cases for a device."""
+    """(name, sizes, dtype) of the benchmark cases for a device. A quick CPU
+    run keeps every row of the full table, each in reduced form: the same
+    number of tensors, a tenth of the elements where a row has more than 1M
+    (so its tensors mostly stay in cache: the table flags that)."""
     def split(total, n):
         return [total // n] * n
     if device == "cuda":
@@ -213,7 +275,11 @@ def cases(device: str, quick: bool):
         return [
             ("small 100K / 20 tensors", split(100_000, 20), torch.float32),
             ("medium 1M / 62 tensors", split(1_000_000, 62), torch.float32),
-            ("10M fp32 / 160 tensors", split(10_000_000, 160), torch.float32),
+            ("1M fp32 / 160 tensors (10M row / 10)", split(1_000_000, 160), torch.float32),
+            ("ResNet-18-like 1.17M / 62 tensors (11.7M row / 10)", split(1_170_000, 62), torch.float32),
+            ("5M fp32 / 200 tensors (50M row / 10)", split(5_000_000, 200), torch.float32),
+            ("1M bf16 / 160 tensors (10M row / 10)", split(1_000_000, 160), torch.bfloat16),
+            ("1,000 x 1,000 fp32", split(1_000_000, 1_000), torch.float32),
         ]
     return [
         ("small 100K / 20 tensors", split(100_000, 20), torch.float32),

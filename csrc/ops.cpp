@@ -12,7 +12,11 @@
 //   device): 0 means the momentum buffer has never been written, so the next
 //   real update sets b = g. It is advanced only when the update happens, so a
 //   step skipped on inf/NaN leaves momentum uninitialised, as torch's default
-//   SGD path does (and unlike torch's fused path, see STYLE.md fact 1).
+//   SGD path does. (torch 2.13's SGD(fused=True) does not: it fills the
+//   buffers with empty_like before its kernel returns on found_inf, then uses
+//   that memory as b on the next step; see README "Skipped steps" and
+//   test_skipped_first_step_momentum_torch_fused_vs_ours in
+//   tests/test_grad_scaler_parity.py.)
 #include <torch/library.h>
 
 #include <Python.h>

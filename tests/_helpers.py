@@ -5,7 +5,8 @@
   micro-batch and does not divide the loss.
 * ``run_ref``    : torch.optim.SGD on its default (single-tensor, foreach=False)
   path (+ torch.amp.GradScaler): ``(loss / K).backward()`` and
-  step/update/zero_grad only every K-th micro-batch (DESIGN.md section 4).
+  step/update/zero_grad only every K-th micro-batch: the loop whose results
+  ours must reproduce.
 
 Both loops take the same model copy, the same micro-batches and the same
 fault-injection plan, and return a ``Trace`` (scale history, skip decisions, the
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 
 from torch_fastaccum import AccumOptimizer, GradScaler
 
-# DESIGN.md section 4: fp32 parameters agree to rtol 1e-5 / atol 1e-6 after 100 updates.
+# The parity rule: fp32 parameters agree with the reference loop to rtol 1e-5 /
+# atol 1e-6 after 100 updates.
 RTOL = 1e-5
 ATOL = 1e-6
 
@@ -242,7 +244,8 @@ def run_ours(
             if boundary:
                 _record_scale(trace, scaler, before)
             else:
-                # DESIGN: non-boundary step/update change nothing, the scale is fixed
+                # Non-boundary step/update change nothing: the scale is fixed
+                # within a window (GradScaler docstring).
                 assert scaler.get_scale() == before, f"scale changed inside a window at micro-batch {i}"
         else:
             if clip is not None and opt.is_accumulation_boundary:

@@ -1,4 +1,4 @@
-"""Drop-in compatibility with torch.optim.SGD (DESIGN.md section 1): hooks,
+"""Drop-in compatibility with torch.optim.SGD (README, Usage): hooks,
 deepcopy/pickle, LR schedulers, tensor lr, complex params, sparse grads,
 params without grads, several param groups, foreach/fused accepted, strides,
 accumulate(model) (incl. a 1-process DDP)."""

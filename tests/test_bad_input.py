@@ -1,9 +1,10 @@
 """Bad input: a clear Python exception, raised before anything changes.
 
-DESIGN.md section 1: grad dtype/shape/device differing from its parameter, a
-non-leaf or duplicated parameter (SGD's errors), SGD's hyper-parameter checks,
-accumulation_steps an int >= 1, differentiable=True, and a tensor on a device the
-extension has no kernels for.
+The rule: a Python exception naming the parameter and the problem, with
+parameters and state untouched, for a grad dtype/shape/device differing from
+its parameter, a non-leaf or duplicated parameter (SGD's errors), SGD's
+hyper-parameter checks, accumulation_steps an int >= 1, differentiable=True,
+and a tensor on a device the extension has no kernels for.
 """
 
 from __future__ import annotations

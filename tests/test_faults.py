@@ -1,6 +1,6 @@
 """Fault handling against the pure-torch reference.
 
-Reference (DESIGN.md section 4): torch.optim.SGD default path (foreach=False) +
+Reference (``run_ref`` below): torch.optim.SGD default path (foreach=False) +
 torch.amp.GradScaler("cpu"), ``scaler.scale(loss / K).backward()``, step +
 update + zero_grad every K micro-batches. Ours: AccumOptimizer +
 torch_fastaccum.GradScaler, zero_grad/scale/backward/step/update on every
@@ -361,8 +361,8 @@ def run_ours_interrupted(model, batches, plan, scaler):
 
 def _ref_mirror(model, batches, plan, scaler):
     """torch.optim.SGD + torch.amp.GradScaler making the same calls as the
-    interrupted loop above, with AccumOptimizer's rules spelled out (DESIGN.md
-    section 1): ``c`` counts step() calls; zero_grad() acts when c % K == 0
+    interrupted loop above, with AccumOptimizer's rules spelled out (its
+    docstring): ``c`` counts step() calls; zero_grad() acts when c % K == 0
     (after a boundary step, or before the first); every K-th step() updates
     with the mean gradient (``loss / K``)."""
     opt = torch.optim.SGD(model.parameters(), foreach=False, **OPT_KW)

@@ -24,7 +24,7 @@ What is compared:
 * float32 / float64 parameters: close to the torch reference, within a
   rounding-error bound (``_full_bound``);
 * bfloat16 / float16 parameters: against an fp32 "master" emulation of the
-  contract's per-element math (DESIGN.md section 1: unscale and 1/K folded
+  contract's per-element math (AccumOptimizer docstring: unscale and 1/K folded
   into one multiplier, maximize, weight decay, momentum/dampening/nesterov,
   lr, all in float32, the result and the buffer rounded to the param dtype)
   applied to the very gradients our loop accumulated (captured before every

@@ -1,7 +1,8 @@
 """torch_fastaccum.GradScaler + AccumOptimizer vs torch.amp.GradScaler + torch.optim.SGD.
 
-Reference (DESIGN.md section 4): torch.amp.GradScaler("cpu") + SGD default path,
-``scaler.scale(loss / K).backward()`` and step/update/zero_grad at boundaries only.
+Reference (``run_ref`` in tests/_helpers.py): torch.amp.GradScaler("cpu") + SGD
+default path, ``scaler.scale(loss / K).backward()`` and step/update/zero_grad at
+boundaries only.
 Ours calls ``scale/backward/step/update`` on every micro-batch. Skip decisions and
 the scale history (scale and growth tracker after every boundary update) must be
 identical; params close (rtol 1e-5 / atol 1e-6).
@@ -283,7 +284,8 @@ def _first_window_overflow_run(model, K, opt, scaler):
 
 @pytest.mark.parametrize("K", [1, 4])
 def test_skipped_first_step_momentum_torch_fused_vs_ours(K):
-    """DESIGN section 4 / STYLE fact 1. After an overflow in the very first window:
+    """A known torch bug we must not copy (README, "Skipped steps"). After an
+    overflow in the very first window:
 
     * torch's default SGD path never calls step(), so momentum stays uninitialised
       and the next real update sets b = g;

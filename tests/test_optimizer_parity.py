@@ -1,7 +1,9 @@
 """AccumOptimizer vs torch.optim.SGD (default path) + the reference accumulation loop.
 
-DESIGN.md section 1 (update math, accumulation semantics) and section 4 (parity:
-fp32 params agree to rtol 1e-5 / atol 1e-6 after 100 updates).
+The rule: torch.optim.SGD's update math per element and in its order, with the
+mean of the K micro-batch gradients at every K-th step() (the AccumOptimizer
+docstring); fp32 params agree to rtol 1e-5 / atol 1e-6 after 100 updates
+(RTOL/ATOL in tests/_helpers.py).
 """
 
 from __future__ import annotations
@@ -244,8 +246,9 @@ def test_float64_parity(K):
 
 # Half precision ----------------------------------------------------------------
 #
-# DESIGN: "Math in float32 for float16/bfloat16 tensors" -- the parameter and the
-# momentum buffer are stored in the half type, everything in between is float32.
+# The rule (AccumOptimizer docstring: "fp16/bf16 tensors: math in fp32"): the
+# parameter and the momentum buffer are stored in the half type, everything in
+# between is float32.
 
 
 def _emulate_half_step(p, b, gsum, *, first, K, lr, wd, momentum, dampening, nesterov, maximize):

@@ -42,3 +42,31 @@ def test_ddp_recipe_runs_on_a_plain_model():
              "AccumOptimizer": torch_fastaccum.AccumOptimizer, "GradScaler": torch_fastaccum.GradScaler}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["opt"]._micro_step == 6
+
+
+def test_cpu_usage_example_runs_as_written():
+    # The bf16 CPU block is complete: it runs with no names supplied, and its
+    # 2 updates are the reference loop's (loss / 4, clip the mean, SGD).
+    block = next(b for b in _python_blocks() if 'torch.autocast("cpu"' in b)
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    opt, model = scope["opt"], scope["model"]
+    assert opt.accumulation_steps == 4 and opt._micro_step == 8
+
+    setup = block.split("\nfor x, y in batches:")[0]  # same seed: same model and data
+    ref_scope = {}
+    exec(compile(setup, "README.md", "exec"), ref_scope)
+    ref_model, batches = ref_scope["model"], ref_scope["batches"]
+    before = [p.detach().clone() for p in ref_model.parameters()]
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    for i, (x, y) in enumerate(batches):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(ref_model(x), y)
+        (loss / 4).backward()
+        if (i + 1) % 4 == 0:
+            torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 1.0)
+            ref_opt.step()
+            ref_opt.zero_grad()
+    for p, r, b in zip(model.parameters(), ref_model.parameters(), before):
+        assert not torch.equal(r, b)
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)

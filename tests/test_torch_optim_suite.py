@@ -1,8 +1,9 @@
 """PyTorch's generic optimizer suite for SGD, run against AccumOptimizer.
 
-DESIGN.md section 1: AccumOptimizer is a drop-in for ``torch.optim.SGD`` and
-"torch's own optimizer test suite for SGD (the OptimizerInfo tests in PyTorch's
-test/test_optim.py) is the bar". This module re-implements, for pytest, every
+AccumOptimizer is a drop-in for ``torch.optim.SGD`` (its docstring, and the
+README's Usage section), and torch's own optimizer test suite for SGD (the
+OptimizerInfo tests in PyTorch's test/test_optim.py) is the bar a drop-in must
+pass. This module re-implements, for pytest, every
 check of ``TestOptimRenewed`` (pytorch/pytorch test/test_optim.py) that applies to
 SGD, driven by the SGD entry of the installed
 ``torch.testing._internal.common_optimizers.optim_db``:
@@ -21,9 +22,10 @@ path and the implementation under test is AccumOptimizer. Where torch compares
 an optimizer with itself (complex vs real, tensor vs float lr, state_dict
 load), AccumOptimizer is compared with itself, as torch does.
 
-Deliberate deviation (DESIGN.md section 1): ``differentiable=True`` raises
-ValueError, so the ``& differentiable`` configurations are skipped with a
-visible reason and ``test_differentiable_true_raises`` checks the error instead.
+Deliberate deviation (AccumOptimizer docstring, ``differentiable``):
+``differentiable=True`` raises ValueError, so the ``& differentiable``
+configurations are skipped with a visible reason and
+``test_differentiable_true_raises`` checks the error instead.
 Tests that torch runs only on CUDA (or on several GPUs) are kept, and skipped
 visibly where no such device is present.
 
@@ -70,7 +72,7 @@ requires_multigpu = pytest.mark.skipif(
     reason="torch runs this test only with >= 2 CUDA devices; fewer here",
 )
 DIFFERENTIABLE_REASON = (
-    "documented deviation (DESIGN.md section 1): AccumOptimizer rejects differentiable=True "
+    "documented deviation (AccumOptimizer docstring): AccumOptimizer rejects differentiable=True "
     "(its fused kernels update in place outside autograd); test_differentiable_true_raises checks the error"
 )
 
@@ -1323,7 +1325,7 @@ def test_fused_cpu_matches_cuda():
 @pytest.mark.skip(
     reason="test_defaults_changed_to_foreach (torch: CUDA only) mocks torch.optim.sgd._multi_tensor_sgd and "
     "asserts SGD dispatches to it; not applicable by design: AccumOptimizer always runs its own fused "
-    "kernels and ignores foreach (DESIGN.md section 1)"
+    "kernels and ignores foreach (AccumOptimizer docstring: foreach, fused)"
 )
 def test_defaults_changed_to_foreach():
     pass
@@ -1385,7 +1387,7 @@ def test_pickle_round_trip(desc):
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_copies_keep_amp_scaling_flag_and_counter(how):
-    """DESIGN.md section 1: deepcopy and pickling keep every setting. The
+    """A drop-in's deepcopy and pickling keep every setting. The
     optimizer sets _step_supports_amp_scaling = True (GradScaler relies on it
     to hand over grad_scale/found_inf instead of syncing), and the micro-batch
     counter drives accumulation; a copy must keep both. (torch's own
@@ -1650,9 +1652,9 @@ def test_older_state_dict_loads_like_sgd(desc):
 @pytest.mark.parametrize("direction", ["sgd_to_accum", "accum_to_sgd"])
 @pytest.mark.parametrize("desc", config_params(skip=("differentiable",)))
 def test_state_dict_interchange_with_sgd(desc, direction):
-    """DESIGN.md section 1: a torch.optim.SGD checkpoint loads into
-    AccumOptimizer and the reverse; training then continues exactly as the
-    uninterrupted SGD run."""
+    """State dicts interchange with SGD (README, Usage): a torch.optim.SGD
+    checkpoint loads into AccumOptimizer and the reverse; training then
+    continues exactly as the uninterrupted SGD run."""
     kwargs = get_config(desc, skip=("differentiable",))
     src_cls, dst_cls = (SGD, AccumOptimizer) if direction == "sgd_to_accum" else (AccumOptimizer, SGD)
     src_kw = reference_kwargs(kwargs) if src_cls is SGD else copy.deepcopy(kwargs)
@@ -1682,9 +1684,9 @@ def test_state_dict_interchange_with_sgd(desc, direction):
 
 @pytest.mark.parametrize("K", [1, 2])
 def test_hooks_fire_once_per_call(K):
-    """DESIGN.md section 1: step pre/post hooks and state_dict / load_state_dict
-    pre/post hooks fire exactly once per call (with accumulation_steps=K too,
-    where most step() calls only count)."""
+    """As torch's suite requires: step pre/post hooks and state_dict /
+    load_state_dict pre/post hooks fire exactly once per call (with
+    accumulation_steps=K too, where most step() calls only count)."""
     p = Parameter(torch.randn(3))
     opt = AccumOptimizer([p], lr=0.1, momentum=0.9, accumulation_steps=K)
     counts = dict.fromkeys(["step_pre", "step_post", "sd_pre", "sd_post", "load_pre", "load_post"], 0)

@@ -18,17 +18,14 @@ __all__ = [
 ]
 
 
-# A fact of the build: dynamo may call it once while tracing a compiled step
-# (it cannot trace into the C++ lookup itself) and keep the answer.
-@torch.compiler.assume_constant_result
 def has_kernel_for(device_type: str) -> bool:
     """Whether the extension has kernels for a device type ("cpu", "cuda", or
     "meta": the fake impls below, registered as Meta kernels, give meta tensors
     a shape-only step)."""
-    key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fastaccum::fused_sgd_", key
-    )
+    return device_type in _KERNEL_DEVICES
+
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
 
 
 def nonfinite_check_(grads: list[Tensor], found_inf: Tensor, sumsq: Tensor | None = None) -> None:
@@ -109,3 +106,17 @@ def _(params, grads, momentum_buffers, steps, *, lr, lr_tensor=None, weight_deca
     for p, g in zip(params, grads):
         torch._check(p.shape == g.shape, lambda: "grad shape differs from its param")
     return None
+
+
+# A fact of the build, read once here, after the fake impls above registered
+# the Meta kernels. A plain frozenset, so that dynamo traces has_kernel_for
+# in a compiled step (it cannot trace into the C++ lookup). Not
+# torch.compiler.assume_constant_result: that imports torch._dynamo (and
+# inductor, sympy, ...) when the decorator runs, i.e. at `import
+# torch_fastaccum`, which doubled the import time and made a dozen more
+# attempts to import numpy.
+_KERNEL_DEVICES = frozenset(
+    device_type
+    for device_type, key in _DISPATCH_KEYS.items()
+    if torch._C._dispatch_has_kernel_for_dispatch_key("fastaccum::fused_sgd_", key)
+)

@@ -31,7 +31,42 @@ _UNSCALE, _UNSCALE_USAGE = "unscale_()", "scaler.unscale_(opt); clip_grad_norm_(
 
 
 class GradScaler(torch.amp.GradScaler):
-    """Drop-in for :class:`torch.amp.GradScaler` (same arguments and methods)."""
+    """A ``torch.amp.GradScaler`` stepping an AccumOptimizer with no host sync.
+
+    A subclass of torch's, with its arguments, methods and ``state_dict``
+    format (state dicts load both ways; the window position is saved by the
+    optimizer, not here). With other optimizers it is torch's scaler. With an
+    ``AccumOptimizer(..., accumulation_steps=K)``:
+
+    * ``step(opt)`` and ``update()`` may run on every micro-batch. Inside a
+      window ``step`` only counts the micro-batch and ``update`` changes
+      nothing, so the K micro-batches share one loss scale.
+    * At a boundary, ``step`` makes one read-only inf/NaN check pass and gives
+      the scale and the found-inf flag to the fused update as device tensors;
+      the update unscales (1/scale and 1/K, applied once) or skips on the
+      device. torch's ``found_inf.item()`` before the step, its one host
+      sync, does not happen.
+    * ``unscale_(opt)`` is allowed only at a boundary (inside a window it
+      raises) and leaves the unscaled *mean* gradient, 1/K included: what the
+      reference ``(loss / K).backward()`` loop clips. The clip pattern:
+
+          scaler.scale(loss).backward()
+          if opt.is_accumulation_boundary:
+              scaler.unscale_(opt)
+              torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+          scaler.step(opt)
+          scaler.update()
+
+    * ``enabled=False``: ``scale`` returns the loss unchanged, ``step`` is
+      ``opt.step()`` and ``update`` does nothing, as in torch, but
+      ``unscale_`` still divides the grads by K at a boundary
+      (``opt.average_grads_()``): an ``enabled=use_amp`` loop clips the same
+      gradient either way.
+
+    ``torch.amp.GradScaler`` works with an AccumOptimizer only when K == 1:
+    it would check and update the scale on every micro-batch, changing it
+    inside a window.
+    """
 
     def __init__(
         self,
@@ -42,6 +77,10 @@ class GradScaler(torch.amp.GradScaler):
         growth_interval: int = 2000,
         enabled: bool = True,
     ) -> None:
+        """The arguments of ``torch.amp.GradScaler``, with its defaults:
+        ``device`` of the scale, the initial scale, the growth and backoff
+        factors, the growth interval in (boundary) steps without inf/NaN,
+        and ``enabled`` (for False, see the class docstring)."""
         super().__init__(device, init_scale, growth_factor, backoff_factor, growth_interval, enabled)
 
     def _fused_pass(self, optimizer, scale_or_none, allow_fp16: bool, factor: float) -> dict:
@@ -82,6 +121,14 @@ class GradScaler(torch.amp.GradScaler):
         return state["found_inf_per_device"]
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Unscale the optimizer's gradients in place, e.g. to clip them.
+
+        With an AccumOptimizer: only at an accumulation boundary (it raises
+        inside a window). One fused pass per (device, dtype) divides the
+        grads by scale * K, leaving the unscaled mean gradient of the window,
+        and records the inf/NaN flag that ``step`` uses. Disabled, it only
+        divides by K. At most once between ``update`` calls, and before
+        ``step``. With other optimizers: torch's ``unscale_``."""
         if not isinstance(optimizer, AccumOptimizer):
             return super().unscale_(optimizer)
         if not self._enabled:
@@ -104,6 +151,15 @@ class GradScaler(torch.amp.GradScaler):
         state["stage"] = OptState.UNSCALED
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any):
+        """Call ``optimizer.step(*args, **kwargs)`` unless its gradients hold
+        inf/NaN; returns what that returns.
+
+        With an AccumOptimizer, inside a window: only counts the micro-batch
+        (no check, no update). At a boundary: the inf/NaN check (unless
+        ``unscale_`` made it), then the fused update, which unscales and
+        applies 1/K or skips on the device, with no host sync. A ``closure``
+        keyword raises while enabled, as in torch. Disabled, or with other
+        optimizers: torch's ``step``."""
         if not (self._enabled and isinstance(optimizer, AccumOptimizer)):
             return super().step(optimizer, *args, **kwargs)
         if not optimizer.is_accumulation_boundary:
@@ -127,6 +183,14 @@ class GradScaler(torch.amp.GradScaler):
                 optimizer.__dict__.pop(name, None)
 
     def update(self, new_scale: float | torch.Tensor | None = None) -> None:
+        """Adjust the scale after ``step``, as torch does: back off after an
+        inf/NaN, grow after ``growth_interval`` clean steps; ``new_scale``
+        sets it directly.
+
+        Call it on every micro-batch. While every AccumOptimizer stepped
+        since the last call is inside its window, it changes nothing (the
+        scale is fixed within a window); at a boundary it reads only that
+        boundary's inf/NaN flag. Disabled: does nothing."""
         if (
             self._enabled
             and new_scale is None

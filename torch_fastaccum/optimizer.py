@@ -112,31 +112,68 @@ class _Bucket:
 
 
 class AccumOptimizer(Optimizer):
-    r"""SGD (optionally with momentum) with fused gradient accumulation and AMP.
+    """SGD (with momentum) + gradient accumulation + AMP unscale, fused.
 
-    Same constructor, math and state as :class:`torch.optim.SGD`, plus
-    ``accumulation_steps=K``: call ``zero_grad(); loss.backward(); step()`` on
-    every micro-batch, without dividing the loss; every K-th ``step()`` applies
+    A drop-in for ``torch.optim.SGD``: same arguments, update math and
+    state-dict format (plus a micro-batch counter), and ``accumulation_steps``
+    (K). With K > 1, run ``zero_grad()``, ``backward()`` and ``step()`` on
+    every micro-batch, and do NOT divide the loss by K:
 
-    .. math::
-        g \leftarrow \tfrac{1}{K\,s}\textstyle\sum_{k=1}^{K} g_k
+    * ``step()`` counts the call; only every K-th call (a boundary, see
+      ``is_accumulation_boundary``) updates, the others change nothing.
+    * ``zero_grad()`` acts only right after a boundary step (or before the
+      first), so ``.grad`` sums the K micro-batch gradients in between.
+    * A boundary step runs, per (device, dtype), one fused pass of:
 
-    (``s`` the loss scale when a :class:`torch_fastaccum.GradScaler` drives it)
-    followed by SGD's update, in one fused pass per (device, dtype). The other
-    ``step()`` calls only count, and ``zero_grad()`` acts only right after a
-    boundary step, so gradients accumulate in ``.grad``.
+          g = (g_1 + ... + g_K) / (K * s)   s: the loss scale, 1 without one
+          g = -g                            if maximize
+          g = g + weight_decay * p
+          if momentum != 0:
+              b = g                         on b's first real update, else
+              b = momentum * b + (1 - dampening) * g
+              g = g + momentum * b          if nesterov, else g = b
+          p = p - lr * g                    (fp16/bf16 tensors: math in fp32)
 
-    After a boundary step ``.grad`` holds what the reference loop
-    (``(loss / K).backward()``, ``scaler.step``) leaves there: the unscaled
-    mean gradient (clipped, if it was clipped), written by the fused update in
-    the same pass (+4 B/param), also when a GradScaler skips the step.
-    ``grad_writeback=False`` leaves the accumulated, scaled sum there instead
-    and saves that write, for loops that zero the grads next.
+    * After it ``.grad`` holds the unscaled mean gradient, as after the
+      reference ``(loss / K).backward()`` loop, also when a GradScaler skipped
+      the step. Inside a window it holds the running sum (scaled, with AMP).
+    * With K > 1 use ``torch_fastaccum.GradScaler``, not torch's. Clip only at
+      a boundary: ``scaler.unscale_(opt)``, or ``clip_grad_norm_`` here.
 
-    ``foreach`` and ``fused`` are accepted and ignored: the fused kernels always
-    run. Sparse gradients take torch's single-tensor SGD math (unfused) in the
-    same step; parameters that are not dense in memory go through a dense
-    stand-in that is copied back. Meta parameters take a shape-only step.
+    Args:
+        params: parameters, or dicts of param groups, as for SGD.
+        lr (float or 1-element Tensor): learning rate. Default 1e-3.
+        momentum (float): momentum factor. Default 0 (no momentum buffers).
+        dampening (float): dampening of the momentum. Default 0.
+        weight_decay (float or Tensor): L2 penalty. Default 0.
+        nesterov (bool): Nesterov momentum; needs momentum > 0 and dampening 0.
+        maximize (bool): maximize the objective instead. Default False.
+        accumulation_steps (int): K >= 1, micro-batches per update, the same for
+            every group. Default 1: ``step()`` updates on every call, as SGD.
+        grad_writeback (bool): write the unscaled mean gradient into ``.grad``
+            during the update (default True, +4 bytes/param for fp32). False
+            leaves the scaled sum there, for loops that zero the grads next.
+        foreach, fused (bool or None): accepted for SGD compatibility and
+            ignored; the fused kernels always run.
+        differentiable (bool): must be False (True raises ValueError).
+
+    Sparse gradients take torch's unfused SGD math in the same step (they need
+    weight_decay=0); params not dense in memory go through a dense copy;
+    complex params use their real view; meta params get a shape-only step.
+
+    Example::
+
+        >>> import torch
+        >>> from torch_fastaccum import AccumOptimizer
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = AccumOptimizer(model.parameters(), lr=0.1, momentum=0.9,
+        ...                      accumulation_steps=4)
+        >>> for x in torch.randn(8, 3, 4):        # 8 micro-batches: 2 updates
+        ...     opt.zero_grad()
+        ...     model(x).square().mean().backward()  # not divided by 4
+        ...     opt.step()
+        >>> opt.is_accumulation_boundary          # the next step() only counts
+        False
     """
 
     # GradScaler hands over grad_scale/found_inf instead of syncing. A class
@@ -237,6 +274,7 @@ class AccumOptimizer(Optimizer):
 
     @property
     def accumulation_steps(self) -> int:
+        """K: the number of ``step()`` calls (micro-batches) per update."""
         return self.defaults["accumulation_steps"]
 
     @property
@@ -270,7 +308,11 @@ class AccumOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Count a micro-batch; on every K-th call, perform the fused update."""
+        """Count a micro-batch; every K-th call performs the fused update.
+
+        The other calls change neither parameters nor ``.grad``. Returns
+        the closure's loss, if one is given (it runs on every call). Under
+        AMP call ``scaler.step(opt)``, which calls this."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
