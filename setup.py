@@ -9,7 +9,7 @@ Environment:
   TORCH_CUDA_ARCH_LIST  CUDA archs (default "8.0;9.0" when unset)
   MAX_JOBS              parallel compile jobs (ninja -j)
   NVCC_THREADS          nvcc --threads per job (default 4)
-  DEBUG=1               -O0 -g instead of -O3
+  DEBUG=1               -Og -g (nvcc: -O0 -g) instead of -O3 -g0
 """
 
 import glob
@@ -83,7 +83,9 @@ if use_cuda and not cuda_sources:
 # benchmarks/results); fp16/bf16 conversion is the only place wider ISAs help.
 # -g0: Python's own CFLAGS (sysconfig) carry -g, which would make the
 # extension 10 MB of debug info instead of ~300 KB.
-cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3", "-DNDEBUG", "-g0"] + os.getenv("FASTACCUM_EXTRA_CFLAGS", "").split()
+# DEBUG uses -Og, not -O0: g++ 12.2 at -O0 stops with an internal compiler
+# error (convert_move, expr.cc:220) on csrc/cpu/kernels_avx2.cpp.
+cxx_flags = ["-Og", "-g"] if DEBUG else ["-O3", "-DNDEBUG", "-g0"] + os.getenv("FASTACCUM_EXTRA_CFLAGS", "").split()
 cxx_flags += ["-fopenmp"] if sys.platform.startswith("linux") else []
 nvcc_flags = (["-O0", "-g", "-lineinfo"] if DEBUG else ["-O3", "-DNDEBUG", "-lineinfo"]) + [
     "--expt-relaxed-constexpr",
@@ -136,13 +138,22 @@ def _has_bdist_wheel():
 
 
 def _torch_requirement():
-    # The binary links against this torch's C++ symbols, which change between
-    # releases (see README, "Wheels and the torch ABI"): the wheel says so.
-    # The local label (+cpu, +cu130) is dropped so that pip accepts either
-    # build of that release.
-    release = torch.__version__.split("+")[0]
-    return "torch==" + release
+    # The binary links against this torch's C++ symbols and dispatch-key
+    # numbering, which change between minor releases (README, "Wheels and the
+    # torch ABI"): the wheel asks for this minor release, +cpu or +cuXXX alike.
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return "torch==%s.%s.*" % (major, minor)
 
+
+def _write_build_info():
+    # Read at import (torch_fastaccum/_build_info.py, not in git): a running
+    # torch of another minor release is refused before _C is loaded.
+    with open(os.path.join(HERE, "torch_fastaccum", "_build_info.py"), "w") as f:
+        f.write('"""Written by setup.py at build time."""\n\nTORCH_VERSION = %r\nWITH_CUDA = %r\n'
+                % (torch.__version__, use_cuda))
+
+
+_write_build_info()
 
 setup(
     ext_modules=[ext],
