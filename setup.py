@@ -21,7 +21,7 @@ from setuptools import setup
 def _isolated_build():
     # pip's isolated build runs setup.py in a throw-away environment holding
     # only [build-system].requires: a torch installed next to pip is invisible.
-    return any("pip-build-env-" in p for p in sys.path) or "PEP517_BUILD_BACKEND" in os.environ
+    return any("pip-build-env-" in p for p in sys.path)
 
 
 try:
