@@ -241,11 +241,6 @@ def measure_copy(device: str, numel: int, runs: int = 7, warmup: int = 2, cache_
     }
 
 
-def copy_bandwidth(device: str, numel: int, repeats: int = 10) -> float:
-    """Best copy bandwidth in GB/s of `repeats` runs (see measure_copy)."""
-    return measure_copy(device, numel, runs=repeats)["gbps"]
-
-
 def annotate_copy_fraction(case: dict, copy_gbps: float | None) -> dict:
     """Adds each path's fraction of the copy bandwidth and its cache_resident
     flag (a fraction over 1: see stats.fraction_of_copy) to a time_case result."""

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+from _module_hider import hider_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIDDEN = ("expecttest", "hypothesis", "accelerate", "numpy", "torch.testing._internal.common_optimizers")
@@ -23,34 +24,7 @@ HIDDEN = ("expecttest", "hypothesis", "accelerate", "numpy", "torch.testing._int
 # Loaded with -p before any test module: wraps every finder on sys.meta_path so
 # that the hidden modules are not found, as if not installed
 # (importlib.util.find_spec gives None, `import` raises ModuleNotFoundError).
-HIDER = '''
-import sys
-
-HIDDEN = %r
-
-
-def _hidden(name):
-    return any(name == h or name.startswith(h + ".") for h in HIDDEN)
-
-
-class _Hide:
-    def __init__(self, inner):
-        self._inner = inner
-
-    def find_spec(self, name, path=None, target=None):
-        if _hidden(name):
-            return None
-        find = getattr(self._inner, "find_spec", None)
-        return find(name, path, target) if find else None
-
-    def __getattr__(self, attr):
-        return getattr(self._inner, attr)
-
-
-for _m in [m for m in sys.modules if _hidden(m)]:
-    del sys.modules[_m]
-sys.meta_path[:] = [_Hide(f) for f in sys.meta_path]
-''' % (HIDDEN,)
+HIDER = hider_source(HIDDEN)
 
 
 @pytest.fixture(scope="module")

@@ -21,17 +21,13 @@ import subprocess
 import sys
 
 import pytest
+from _module_hider import hider_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Runs before the import under test. A counting finder first (it finds
-# nothing itself), then every real finder wrapped so that numpy is not found.
-HIDE_NUMPY = '''
-import sys
-
-def _is_numpy(name):
-    return name == "numpy" or name.startswith("numpy.")
-
+# Runs before the import under test: numpy hidden (tests/_module_hider.py),
+# then a counting finder in front (it finds nothing itself).
+HIDE_NUMPY = hider_source(["numpy"]) + '''
 class _Count:
     lookups = 0
     def find_spec(self, name, path=None, target=None):
@@ -39,20 +35,7 @@ class _Count:
             _Count.lookups += 1
         return None
 
-class _Hide:
-    def __init__(self, inner):
-        self._inner = inner
-    def find_spec(self, name, path=None, target=None):
-        if _is_numpy(name):
-            return None
-        find = getattr(self._inner, "find_spec", None)
-        return find(name, path, target) if find else None
-    def __getattr__(self, attr):
-        return getattr(self._inner, attr)
-
-for _m in [m for m in sys.modules if _is_numpy(m)]:
-    del sys.modules[_m]
-sys.meta_path[:] = [_Count()] + [_Hide(f) for f in sys.meta_path]
+sys.meta_path.insert(0, _Count())
 
 import %s
 print("numpy lookups:", _Count.lookups)

@@ -5,19 +5,16 @@ import os
 import subprocess
 import sys
 
+from _module_hider import hider_source
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs setup.py as pip would, with torch made unimportable.
-_RUN = """
-import sys, runpy
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("no torch here")
-sys.meta_path.insert(0, _NoTorch())
+_RUN = hider_source(["torch"]) + """
 if {isolated}:
     sys.path.append("/tmp/pip-build-env-abc123/overlay/lib/python3/site-packages")
 sys.argv = ["setup.py", "--name"]
+import runpy
 runpy.run_path("setup.py", run_name="__main__")
 """
 
