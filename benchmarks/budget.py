@@ -11,6 +11,9 @@ run plans its stages against the clock, in this order:
   end-to-end reserve). A case runs its warm-up and MIN_REPEATS timed rounds,
   then keeps only as many further rounds as its share still holds. A case
   that is not even expected to fit its minimum is skipped;
+* host time (benchmarks/host_time.py): skipped when nothing is left but the
+  end-to-end reserve; otherwise its set-up, warm-up and MIN_REPEATS timed
+  rounds, then as many further rounds as end before that reserve;
 * end to end: its warm-up block is timed, then as many timed blocks as the
   rest of the budget holds (none: skipped).
 

@@ -6,15 +6,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-namespace fastaccum {
+#include "fusable.h"
 
-// Two dense tensors of one shape lay their elements out in the same order
-// when their strides agree on every dimension of size > 1.
-inline bool same_memory_order(const at::Tensor& a, const at::Tensor& b) {
-  for (int64_t d = 0; d < a.dim(); ++d)
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-  return true;
-}
+namespace fastaccum {
 
 // Every tensor of `list` shares the device and dtype of `ref`, and is dense
 // and non-overlapping with the strides of `ref`, so the kernels may walk its
@@ -52,8 +46,9 @@ inline void check_uniform(at::TensorList list, const char* name) {
     TORCH_CHECK(t.layout() == at::kStrided, name, "[", i, "] must be dense");
     TORCH_CHECK(t.is_non_overlapping_and_dense(), name, "[", i,
                 "] must be non-overlapping and dense");
-    TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, "[", i,
-                "] must be floating point, got ", t.scalar_type());
+    TORCH_CHECK(is_kernel_dtype(t.scalar_type()), name, "[", i,
+                "] must be float32, float64, float16 or bfloat16, got ",
+                t.scalar_type());
   }
 }
 
@@ -89,14 +84,13 @@ inline void check_sgd_lists(at::TensorList params, at::TensorList grads,
 
 // Index of a storage dtype in the CPU kernel table (csrc/cpu/kernels.h order).
 inline int dtype_index(at::ScalarType t) {
+  TORCH_CHECK(is_kernel_dtype(t), "fastaccum kernels support float32, float64, "
+              "float16 and bfloat16, got ", t);
   switch (t) {
     case at::kFloat: return 0;
     case at::kDouble: return 1;
     case at::kHalf: return 2;
-    case at::kBFloat16: return 3;
-    default:
-      TORCH_CHECK(false, "fastaccum kernels support float32, float64, float16 "
-                  "and bfloat16, got ", t);
+    default: return 3;  // bfloat16
   }
 }
 

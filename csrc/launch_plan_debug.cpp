@@ -1,4 +1,4 @@
-// fastaccum::_launch_plan: the CUDA launch plan (csrc/cuda/launch_plan.h) of
+// fastaccum::_launch_plan: the CUDA launch plan (csrc/launch_plan.h) of
 // a list of numels, so a CPU-only test can check the chunking that the CUDA
 // launcher uses. It is compiled in every build; it touches no tensor.
 //
@@ -14,7 +14,7 @@
 #include <stdexcept>
 #include <vector>
 
-#include "cuda/launch_plan.h"
+#include "launch_plan.h"
 
 namespace fastaccum {
 namespace {

@@ -6,8 +6,8 @@
 // * found_inf is a float32 0-dim tensor that the caller zeroes; the check ops
 //   only ever write 1.0 into it (racing writers are harmless).
 // * grad_scale is the loss scale itself (as torch._fused_sgd_ takes it); the
-//   kernels multiply by float(1/double(scale)) like torch's unscale, times the
-//   accumulation factor 1/K.
+//   kernels multiply by inv_scale(scale) = float(1/double(scale)) (sgd_math.h),
+//   like torch's unscale, times the accumulation factor 1/K.
 // * steps[i] counts the real updates of params[i] (float32 0-dim, on its
 //   device): 0 means the momentum buffer has never been written, so the next
 //   real update sets b = g. It is advanced only when the update happens, so a
@@ -61,6 +61,6 @@ TORCH_LIBRARY(fastaccum, m) {
   // and tests; FASTACCUM_CPU_CAPABILITY overrides the choice.
   m.def("_cpu_capability() -> str",
         []() { return std::string(fastaccum::cpu::kernels().name); });
-  // Debug: the CUDA launch plan (csrc/cuda/launch_plan.h), flat-encoded; impl and encoding in csrc/launch_plan_debug.cpp.
+  // Debug: the CUDA launch plan (csrc/launch_plan.h), flat-encoded; impl and encoding in csrc/launch_plan_debug.cpp.
   m.def("_launch_plan(int[] numels, int depth, bool reverse=False, int chunk_size=0, int max_blocks=0, int max_tensors=0) -> int[]");
 }

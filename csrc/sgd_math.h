@@ -103,8 +103,10 @@ FASTACCUM_HD V sgd_math(V p, V g, V& b, bool first, const SgdHyper<opmath_t>& h)
 
 // The unscale factor of a loss scale, as torch's GradScaler.unscale_ forms
 // it: float(1 / double(scale)), widened back to double so that callers can
-// fold 1/K into it before the one conversion to the math type.
-FASTACCUM_HD double loss_scale_reciprocal(float scale) {
+// fold 1/K into it before the one conversion to the math type. Every kernel,
+// host side (a CPU scale) and device side (a device scale), takes it from
+// here; the Python layer has no copy (its sparse path calls unscale_check_).
+FASTACCUM_HD double inv_scale(float scale) {
   return static_cast<double>(static_cast<float>(1.0 / static_cast<double>(scale)));
 }
 

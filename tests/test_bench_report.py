@@ -112,7 +112,7 @@ def test_two_runs_write_two_sets_of_files_with_metadata(tmp_path, monkeypatch, c
     monkeypatch.setattr(bench_main, "cases", _tiny_cases)
     monkeypatch.setattr(bench_main, "copy_numel", lambda device, cache, quick=False: 100_000)
     args = ["--device", "cpu", "--quick", "--updates", "2", "--repeats", "3", "--e2e-blocks", "0",
-            "--out", str(tmp_path)]
+            "--host-time-tensors", "20", "--out", str(tmp_path)]
     assert bench_main.main(args) == 0
     first = capsys.readouterr().out
     assert bench_main.main(args + ["--skip-speed"]) == 0
@@ -168,7 +168,7 @@ def test_markdown_marks_noisy_rows_and_cache_figures(tmp_path, monkeypatch, caps
     monkeypatch.setattr(bench_main, "time_case", noisy_time_case)
     monkeypatch.setattr(bench_main, "measure_copy", slow_copy)
     assert bench_main.main(["--device", "cpu", "--quick", "--updates", "2", "--repeats", "3",
-                            "--e2e-blocks", "0", "--out", str(tmp_path)]) == 0
+                            "--e2e-blocks", "0", "--host-time-tensors", "20", "--out", str(tmp_path)]) == 0
     capsys.readouterr()
     (jpath,) = tmp_path.glob("*.json")
     result = json.loads(jpath.read_text())

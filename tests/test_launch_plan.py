@@ -1,4 +1,4 @@
-"""The CUDA launcher's chunking plan (csrc/cuda/launch_plan.h), checked on the CPU
+"""The CUDA launcher's chunking plan (csrc/launch_plan.h), checked on the CPU
 through the debug op ``fastaccum::_launch_plan`` (csrc/launch_plan_debug.cpp).
 
 No tensor is allocated: the plan only sees numels, so a 3e9-element tensor and

@@ -21,13 +21,14 @@ from typing import Any
 import torch
 from torch.amp.grad_scaler import OptState
 
-from . import _ops
-from .optimizer import AccumOptimizer, _real, _to_device
+from .optimizer import AccumOptimizer
 
 __all__ = ["GradScaler"]
 
-_ACCUMULATING = "fastaccum_accumulating"
-_UNSCALE, _UNSCALE_USAGE = "unscale_()", "scaler.unscale_(opt); clip_grad_norm_(...)"
+# The per-optimizer stage after a step() inside an accumulation window: it
+# only counted the micro-batch (no check, so nothing for update() to read).
+# Beside torch's OptState stages (READY, UNSCALED, STEPPED).
+_COUNTED = "fastaccum_counted"
 
 
 class GradScaler(torch.amp.GradScaler):
@@ -83,41 +84,16 @@ class GradScaler(torch.amp.GradScaler):
         and ``enabled`` (for False, see the class docstring)."""
         super().__init__(device, init_scale, growth_factor, backoff_factor, growth_interval, enabled)
 
-    def _fused_pass(self, optimizer, scale_or_none, allow_fp16: bool, factor: float) -> dict:
-        """One fastaccum check (or unscale) pass; found_inf per device."""
-        _scale, _ = self._check_scale_growth_tracker("unscale_")
-        found_inf = torch.zeros((), dtype=torch.float32, device=_scale.device)
-        per_device_inf: dict[torch.device, torch.Tensor] = {}
-        per_device_scale: dict[torch.device, torch.Tensor] = {}
-        with torch.no_grad():
-            writeback: list = []
-            lists = optimizer._check_lists(writeback if scale_or_none is not None else None)
-            if not allow_fp16 and any(torch.float16 in per_dtype for per_dtype in lists.values()):
-                raise ValueError("Attempting to unscale FP16 gradients.")
-            for device, per_dtype in lists.items():
-                if device not in per_device_inf:
-                    # Each device's flag is its own tensor (torch's _MultiDeviceReplicator
-                    # does the same); the scale's device keeps `found_inf` itself.
-                    per_device_inf[device] = (
-                        found_inf if device == found_inf.device else torch.zeros_like(found_inf, device=device)
-                    )
-                for grads in per_dtype.values():
-                    if scale_or_none is None:
-                        _ops.nonfinite_check_(grads, per_device_inf[device])
-                    else:
-                        if device not in per_device_scale:
-                            per_device_scale[device] = _to_device(scale_or_none, device)
-                        _ops.unscale_check_(grads, per_device_inf[device], per_device_scale[device], factor=factor)
-            for g, dense in writeback:
-                _real(g).copy_(dense)
-        return per_device_inf
+    def _new_found_inf(self) -> torch.Tensor:
+        scale, _ = self._check_scale_growth_tracker("unscale_")
+        return torch.zeros((), dtype=torch.float32, device=scale.device)
 
     # torch's step() calls this for optimizers with _step_supports_amp_scaling.
     def _check_inf_per_device(self, optimizer):
         if not isinstance(optimizer, AccumOptimizer):
             return super()._check_inf_per_device(optimizer)
         state = self._per_optimizer_states[id(optimizer)]
-        state["found_inf_per_device"] = self._fused_pass(optimizer, None, True, 1.0)
+        state["found_inf_per_device"] = optimizer.check_grads_(self._new_found_inf())
         return state["found_inf_per_device"]
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
@@ -134,20 +110,16 @@ class GradScaler(torch.amp.GradScaler):
         if not self._enabled:
             # Nothing to unscale, but the 1/K of the window still applies: an
             # `enabled=use_amp` loop must clip the same mean gradient either way.
-            optimizer._require_boundary(_UNSCALE, _UNSCALE_USAGE)
-            return optimizer.average_grads_()
+            optimizer.unscale_grads_(None, None)
+            return
         self._check_scale_growth_tracker("unscale_")
         state = self._per_optimizer_states[id(optimizer)]
         if state["stage"] is OptState.UNSCALED:
             raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
-        if state["stage"] is OptState.STEPPED:
+        if state["stage"] is OptState.STEPPED or state["stage"] == _COUNTED:
             raise RuntimeError("unscale_() is being called after step().")
-        optimizer._require_boundary(_UNSCALE, _UNSCALE_USAGE)
-        window = optimizer._window
-        # 1/K, unless opt.average_grads_() applied it already.
-        factor = window.grad_factor(optimizer.accumulation_steps)
-        state["found_inf_per_device"] = self._fused_pass(optimizer, self._scale, False, factor)
-        window.averaged = True
+        with torch.no_grad():
+            state["found_inf_per_device"] = optimizer.unscale_grads_(self._scale, self._new_found_inf())
         state["stage"] = OptState.UNSCALED
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any):
@@ -167,11 +139,10 @@ class GradScaler(torch.amp.GradScaler):
                 raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
             self._check_scale_growth_tracker("step")
             state = self._per_optimizer_states[id(optimizer)]
-            if state["stage"] is OptState.STEPPED:
+            if state["stage"] is OptState.STEPPED or state["stage"] == _COUNTED:
                 raise RuntimeError("step() has already been called since the last update().")
             retval = optimizer.step(*args, **kwargs)  # counts the micro-batch
-            state["stage"] = OptState.STEPPED
-            state[_ACCUMULATING] = True
+            state["stage"] = _COUNTED
             return retval
         try:
             return super().step(optimizer, *args, **kwargs)
@@ -191,19 +162,16 @@ class GradScaler(torch.amp.GradScaler):
         since the last call is inside its window, it changes nothing (the
         scale is fixed within a window); at a boundary it reads only that
         boundary's inf/NaN flag. Disabled: does nothing."""
-        if (
-            self._enabled
-            and new_scale is None
-            and self._per_optimizer_states
-            and all(s.get(_ACCUMULATING) for s in self._per_optimizer_states.values())
-        ):
-            # Inside an accumulation window: the scale must stay fixed.
-            self._check_scale_growth_tracker("update")
-            self._per_optimizer_states = defaultdict(torch.amp.grad_scaler._refresh_per_optimizer_state)
-            return
         if self._enabled:
+            states = self._per_optimizer_states
+            counted = [key for key, s in states.items() if s["stage"] == _COUNTED]
+            if new_scale is None and states and len(counted) == len(states):
+                # Inside an accumulation window: the scale must stay fixed.
+                self._check_scale_growth_tracker("update")
+                self._per_optimizer_states = defaultdict(torch.amp.grad_scaler._refresh_per_optimizer_state)
+                return
             # Optimizers still mid-window recorded no inf check; torch's update
             # must only see those that did.
-            for key in [k for k, s in self._per_optimizer_states.items() if s.get(_ACCUMULATING)]:
-                del self._per_optimizer_states[key]
+            for key in counted:
+                del states[key]
         return super().update(new_scale)

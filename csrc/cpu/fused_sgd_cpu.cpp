@@ -8,7 +8,8 @@
 #include <vector>
 
 #include "../check_inputs.h"
-#include "../multi_tensor_chunks.h"
+#include "../sgd_math.h"
+#include "multi_tensor_chunks.h"
 #include "kernels.h"
 
 namespace fastaccum::cpu {
@@ -32,9 +33,7 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads,
 
   double grad_mul = grad_factor;
   if (grad_scale) {
-    // float(1/double(scale)) is torch's GradScaler.unscale_ reciprocal.
-    grad_mul *= static_cast<double>(
-        static_cast<float>(1.0 / grad_scale->item<double>()));
+    grad_mul *= inv_scale(grad_scale->item<float>());
   }
   // Writing g * 1 back would only cost bandwidth.
   const bool write_g = write_grads && grad_mul != 1.0;

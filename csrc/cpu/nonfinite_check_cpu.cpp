@@ -7,7 +7,8 @@
 #include <vector>
 
 #include "../check_inputs.h"
-#include "../multi_tensor_chunks.h"
+#include "../sgd_math.h"
+#include "multi_tensor_chunks.h"
 #include "kernels.h"
 
 namespace fastaccum::cpu {
@@ -54,9 +55,7 @@ void unscale_check_cpu(at::TensorList grads, at::Tensor found_inf,
                        const at::Tensor& grad_scale, double factor,
                        const c10::optional<at::Tensor>& sumsq) {
   check_scalar_f32(grad_scale, "grad_scale");
-  // float(1/double(scale)) is torch's GradScaler.unscale_ reciprocal.
-  const float inv = static_cast<float>(1.0 / grad_scale.item<double>());
-  check_impl(grads, found_inf, static_cast<double>(inv) * factor,
+  check_impl(grads, found_inf, inv_scale(grad_scale.item<float>()) * factor,
              /*write=*/true, sumsq);
 }
 

@@ -94,8 +94,7 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads,
   if (grad_scale) {
     check_scalar_f32(*grad_scale, "grad_scale");
     if (grad_scale->is_cpu()) {
-      a.grad_factor *= static_cast<double>(
-          static_cast<float>(1.0 / grad_scale->item<double>()));
+      a.grad_factor *= inv_scale(grad_scale->item<float>());
     } else {
       on_device(*grad_scale, "grad_scale");
       a.grad_scale = grad_scale->const_data_ptr<float>();

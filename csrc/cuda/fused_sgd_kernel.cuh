@@ -58,7 +58,7 @@ struct SgdFunctor {
                       : a.lr_f64 != nullptr ? *a.lr_f64
                                             : a.lr;
     double grad_mul = a.grad_factor;
-    if (a.grad_scale != nullptr) grad_mul *= loss_scale_reciprocal(*a.grad_scale);
+    if (a.grad_scale != nullptr) grad_mul *= inv_scale(*a.grad_scale);
     const SgdHyper<op_t> h{static_cast<op_t>(lr),
                            static_cast<op_t>(a.weight_decay),
                            static_cast<op_t>(a.momentum),

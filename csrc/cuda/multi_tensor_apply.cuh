@@ -14,7 +14,7 @@
 
 #include "cuda_or_emulator.h"
 #include "kernel_launch.h"
-#include "launch_plan.h"
+#include "../launch_plan.h"
 
 namespace fastaccum::cuda {
 

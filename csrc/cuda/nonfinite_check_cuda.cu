@@ -72,10 +72,8 @@ void unscale_check_cuda(at::TensorList grads, at::Tensor found_inf,
   if (grads.empty()) return;
   const float* scale_ptr = nullptr;
   if (grad_scale.is_cpu()) {
-    // A host read of host memory: no device sync. Same reciprocal as torch's
-    // GradScaler.unscale_: float(1/double(scale)).
-    factor *= static_cast<double>(
-        static_cast<float>(1.0 / grad_scale.item<double>()));
+    // A host read of host memory: no device sync.
+    factor *= inv_scale(grad_scale.item<float>());
   } else {
     TORCH_CHECK(grad_scale.device() == grads[0].device(), "grad_scale is on ",
                 grad_scale.device(), " but grads are on ", grads[0].device());

@@ -43,7 +43,7 @@ struct CheckFunctor {
     if constexpr (kWrite) {
       double m = a.factor;
       if (a.grad_scale != nullptr)
-        m = loss_scale_reciprocal(*a.grad_scale) * a.factor;
+        m = inv_scale(*a.grad_scale) * a.factor;
       mul = static_cast<op_t>(m);
     }
     const bool want_sumsq = a.sumsq != nullptr;

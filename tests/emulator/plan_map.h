@@ -1,5 +1,5 @@
 // Which (tensor, chunk) each block of each launch covers, from the same plan
-// the launcher uses (csrc/cuda/launch_plan.h), so a test can run only some
+// the launcher uses (csrc/launch_plan.h), so a test can run only some
 // chunks of a huge, sparsely mapped tensor through emu::set_block_filter.
 #pragma once
 
@@ -8,7 +8,7 @@
 #include <functional>
 #include <vector>
 
-#include "../../csrc/cuda/launch_plan.h"
+#include "../../csrc/launch_plan.h"
 #include "../../csrc/emulator/cuda_emulator.h"
 
 namespace emutest {

@@ -24,7 +24,7 @@ SgdHyper<opmath_t<T>> sgd_hyper(double lr, double weight_decay, double momentum,
                                 double factor, const float* scale) {
   using op_t = opmath_t<T>;
   double grad_mul = factor;
-  if (scale != nullptr) grad_mul *= fastaccum::loss_scale_reciprocal(*scale);
+  if (scale != nullptr) grad_mul *= fastaccum::inv_scale(*scale);
   return {static_cast<op_t>(lr),
           static_cast<op_t>(weight_decay),
           static_cast<op_t>(momentum),
@@ -59,7 +59,7 @@ void sgd_reference(T* p, T* g, T* b, int64_t begin, int64_t end, bool first,
 template <typename T>
 opmath_t<T> check_mul(double factor, const float* scale) {
   double m = factor;
-  if (scale != nullptr) m = fastaccum::loss_scale_reciprocal(*scale) * factor;
+  if (scale != nullptr) m = fastaccum::inv_scale(*scale) * factor;
   return static_cast<opmath_t<T>>(m);
 }
 

@@ -1,0 +1,68 @@
+"""The GradScaler's pass over a step plan: one read-only inf/NaN check, or
+one in-place unscale with the check, per (device, dtype)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _ops
+from ._layout import dense_real, real, to_device
+from ._plan import StepPlan
+
+
+def check_lists(plan: StepPlan, writeback: list | None = None) -> dict[torch.device, dict[torch.dtype, list[Tensor]]]:
+    """Dense tensors to check, by device and dtype: the grads (real views of
+    complex ones) and the values of sparse grads. A grad that is not dense in
+    memory is checked through a dense copy; with `writeback`, (grad, copy)
+    pairs are appended there for the caller to copy back after writing."""
+    out: dict[torch.device, dict[torch.dtype, list[Tensor]]] = {}
+    for gp in plan.groups:
+        for b in gp.buckets:
+            if b.plain:
+                if b.grads:
+                    out.setdefault(b.device, {}).setdefault(b.grads[0].dtype, []).extend(b.grads)
+                continue
+            for g in b.grads:  # real views may differ in dtype from the param
+                v = dense_real(g)
+                if writeback is not None and v.data_ptr() != real(g).data_ptr():
+                    writeback.append((g, v))
+                out.setdefault(b.device, {}).setdefault(v.dtype, []).append(v)
+        for i, (p, g) in enumerate(gp.sparse):
+            if g.dtype is torch.float16:  # as torch: fp16 duplicates may overflow once summed
+                p.grad = g = g.coalesce()
+                gp.sparse[i] = (p, g)
+            v = dense_real(g._values())
+            out.setdefault(v.device, {}).setdefault(v.dtype, []).append(v)
+    return out
+
+
+@torch.no_grad()
+def run_check(
+    plan: StepPlan,
+    found_inf: Tensor,
+    grad_scale: Tensor | None = None,
+    factor: float = 1.0,
+    allow_fp16: bool = True,
+) -> dict[torch.device, Tensor]:
+    """Sets found_inf (a float32 0-dim tensor the caller zeroed) where a grad
+    holds inf/NaN; with `grad_scale`, first multiplies the grads in place by
+    inv_scale(scale) * factor (csrc/sgd_math.h). Returns the flag of each
+    device: found_inf itself on its device, a new tensor on the others (as
+    torch's GradScaler keeps one per device)."""
+    writeback: list = []
+    lists = check_lists(plan, writeback if grad_scale is not None else None)
+    if not allow_fp16 and any(torch.float16 in per_dtype for per_dtype in lists.values()):
+        raise ValueError("Attempting to unscale FP16 gradients.")
+    per_device: dict[torch.device, Tensor] = {}
+    for device, per_dtype in lists.items():
+        flag = per_device[device] = found_inf if device == found_inf.device else torch.zeros_like(found_inf, device=device)
+        scale = None if grad_scale is None else to_device(grad_scale, device)
+        for grads in per_dtype.values():
+            if scale is None:
+                _ops.nonfinite_check_(grads, flag)
+            else:
+                _ops.unscale_check_(grads, flag, scale, factor=factor)
+    for g, dense in writeback:
+        real(g).copy_(dense)
+    return per_device

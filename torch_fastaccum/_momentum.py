@@ -1,0 +1,80 @@
+"""Momentum state: SGD's ``momentum_buffer`` plus a real-update counter.
+
+NOTE: [momentum updates]
+Each param with momentum has, besides SGD's ``momentum_buffer``, an entry
+``momentum_updates``: a float32 0-dim tensor on the param's device counting
+the buffer's real updates. 0 means "never written", so the next real update
+sets b = g (SGD's first step). It lives on the device so a step skipped on
+inf/NaN needs no host read to keep it; the kernels advance it. It is not
+"step": that key means an optimizer step count that torch's dtype rules and
+tools read. state_dict() never exports it (checkpoint.py); loading restores it
+from whether a buffer was saved.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._layout import like
+
+MOMENTUM = "momentum_buffer"
+UPDATES = "momentum_updates"
+
+
+def kernel_state(state, params: list[Tensor], targets: list[Tensor], verify: bool):
+    """The buffers and update counters of `params` for the kernels, made
+    where missing (zeroed buffer, 0 updates). `targets` are what the kernels
+    update (a param or its dense stand-in): the buffers follow their dtype,
+    device and layout when `verify` (params moved or cast since)."""
+    bufs, counts = [], []
+    for p, target in zip(params, targets):
+        s = state[p]
+        buf = s.get(MOMENTUM)
+        if buf is None:
+            buf = s[MOMENTUM] = torch.zeros_like(target)
+            s[UPDATES] = torch.zeros((), dtype=torch.float32, device=p.device)
+        elif UPDATES not in s:  # a buffer that SGD (or its sparse step) wrote
+            s[UPDATES] = torch.ones((), dtype=torch.float32, device=p.device)
+        if verify:
+            # module.to(), .double() since: follow, as load_state_dict casts.
+            if buf.dtype != target.dtype or buf.device != target.device:
+                buf = s[MOMENTUM] = buf.to(device=target.device, dtype=target.dtype)
+            if s[UPDATES].device != target.device:
+                s[UPDATES] = s[UPDATES].to(target.device)
+            buf = s[MOMENTUM] = like(buf, target)
+        bufs.append(buf)
+        counts.append(s[UPDATES])
+    return bufs, counts
+
+
+def after_sparse_step(state, params: list[Tensor], bufs: list[Tensor]) -> None:
+    """torch's sparse SGD step made or replaced these buffers."""
+    for p, b in zip(params, bufs):
+        state[p][MOMENTUM] = b
+        state[p].pop(UPDATES, None)  # kernel_state counts it as written
+
+
+def after_load(state) -> None:
+    """A loaded buffer has had a real update; an absent (None) one has not."""
+    for p, s in state.items():
+        if not isinstance(p, Tensor) or not isinstance(s, dict):
+            continue
+        if s.get(MOMENTUM) is None:
+            s.pop(MOMENTUM, None)
+            s.pop(UPDATES, None)
+        elif UPDATES not in s or s[UPDATES].device != p.device:
+            s[UPDATES] = torch.ones((), dtype=torch.float32, device=p.device)
+
+
+def exported(s):
+    """One param's state as SGD saves it: no counter, and no buffer before
+    its first real update (SGD has no entry then: None)."""
+    if not isinstance(s, dict) or UPDATES not in s:
+        return s
+    s = dict(s)  # the live state dict is shared: never edit it
+    count = s.pop(UPDATES)
+    # Meta params take shape-only steps: their buffers exist.
+    if not count.is_meta and float(count) == 0:  # may sync: not the hot path
+        s.pop(MOMENTUM, None)
+    return s or None

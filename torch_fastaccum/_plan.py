@@ -1,0 +1,210 @@
+"""The step plan: which (param, grad) pairs a boundary step touches, split
+into (device, dtype) buckets for the kernels, plus the sparse ones.
+
+Built once per boundary step, before any state changes (every user error is
+raised here), and used by both the GradScaler's check pass and the update.
+The rules for what goes to the kernels as it is live in csrc/fusable.h; the
+C++ triage returns kinds, this module only acts on them.
+"""
+
+from __future__ import annotations
+
+import enum
+import operator
+
+import torch
+from torch import Tensor
+
+from . import _ops
+from ._hyper import as_float
+
+
+class PairKind(enum.IntEnum):
+    """csrc/fusable.h's PairKind (same numbers)."""
+
+    NO_GRAD = 0
+    FUSABLE = 1
+    STAND_IN = 2  # complex, or not dense / not laid out like its param
+    SPARSE = 3
+    MISMATCH = 4
+    BAD_DTYPE = 5
+    BAD_LAYOUT = 6
+
+
+class Bucket:
+    """The (param, grad) pairs of one param group on one (device, dtype).
+
+    `plain` buckets go to the kernels as they are; the others hold complex or
+    non-dense tensors that need a real view or a dense stand-in first.
+    `verify_state`: check that existing momentum state still matches its
+    params (moved or cast in place since it was made); skipped in the steady
+    state of a plain bucket, where nothing about them changed.
+    """
+
+    __slots__ = ("device", "params", "grads", "plain", "verify_state")
+
+    def __init__(self, device: torch.device, plain: bool, verify_state: bool = True):
+        self.device = device
+        self.params: list[Tensor] = []
+        self.grads: list[Tensor] = []
+        self.plain = plain
+        self.verify_state = verify_state
+
+
+class GroupPlan:
+    __slots__ = ("group", "params", "grads", "signature", "buckets", "sparse")
+
+    def __init__(self, group: dict, grads: list, signature: int | None, buckets: list[Bucket], sparse: list):
+        self.group = group
+        self.params = group["params"]
+        self.grads = grads  # p.grad of every param, None included, at planning
+        self.signature = signature  # the C++ triage's; None: per-tensor path
+        self.buckets = buckets
+        self.sparse: list[tuple[Tensor, Tensor]] = sparse
+
+
+class StepPlan:
+    """The work of the boundary step that follows micro-batch `micro_step`."""
+
+    __slots__ = ("groups", "micro_step")
+
+    def __init__(self, groups: list[GroupPlan], micro_step: int):
+        self.groups = groups
+        self.micro_step = micro_step
+
+    def still_valid(self, param_groups: list[dict], micro_step: int) -> bool:
+        """Nothing the plan rests on changed since it was made (between a
+        scaler's check pass and the update): same window position, groups,
+        grad objects, and devices and dtypes of the params."""
+        if micro_step != self.micro_step or len(param_groups) != len(self.groups):
+            return False
+        for gp, group in zip(self.groups, param_groups):
+            params = group["params"]
+            if gp.group is not group or gp.params is not params or gp.signature is None:
+                return False
+            grads = [p.grad for p in params]
+            if len(grads) != len(gp.grads) or not all(map(operator.is_, grads, gp.grads)):
+                return False
+            first, signature = torch.ops.fastaccum._first_unfusable.default(params, grads)
+            if first >= 0 or signature != gp.signature:
+                return False
+        return True
+
+
+class Planner:
+    """Makes step plans. Caches each group's (device, dtype) split on what
+    decides it, so the steady state does no per-tensor device/dtype lookups
+    in Python."""
+
+    def __init__(self) -> None:
+        self._splits: dict[int, tuple] = {}
+        self._devices_ok: set[str] = set()
+        self._kept: StepPlan | None = None
+
+    def boundary_plan(self, param_groups: list[dict], micro_step: int, keep: bool) -> StepPlan:
+        """The plan of the boundary step after `micro_step`: the one a check
+        pass kept for it (`keep`), if still valid, else a new one. A compiled
+        step always plans anew (nothing kept crosses into its graph)."""
+        plan, self._kept = self._kept, None
+        if plan is None or torch.compiler.is_compiling() or not plan.still_valid(param_groups, micro_step):
+            plan = self.plan(param_groups, micro_step)
+        if keep:
+            self._kept = plan
+        return plan
+
+    def plan(self, param_groups: list[dict], micro_step: int) -> StepPlan:
+        groups = []
+        for gi, group in enumerate(param_groups):
+            params = group["params"]
+            grads = [p.grad for p in params]
+            first_bad, signature = torch.ops.fastaccum._first_unfusable.default(params, grads)
+            if first_bad < 0:
+                groups.append(GroupPlan(group, grads, signature, self._plain(gi, params, grads, signature), []))
+            else:
+                groups.append(GroupPlan(group, grads, None, *self._per_tensor(gi, group, grads)))
+        return StepPlan(groups, micro_step)
+
+    def _plain(self, gi: int, params: list[Tensor], grads: list, signature: int) -> list[Bucket]:
+        key = (len(params), signature)
+        hit = self._splits.get(gi)
+        # The entry holds the list itself (not its id, which can be reused).
+        miss = hit is None or hit[0] is not params or hit[1] != key
+        if miss:
+            split: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+            for i, (p, g) in enumerate(zip(params, grads)):
+                if g is not None:
+                    split.setdefault((p.device, p.dtype), []).append(i)
+            for device, _ in split:
+                self.require_kernels(device, f"param_groups[{gi}]")
+            hit = self._splits[gi] = (params, key, [(device, idx) for (device, _), idx in split.items()])
+        buckets = []
+        for device, idx in hit[2]:
+            b = Bucket(device, plain=True, verify_state=miss)
+            b.params = [params[i] for i in idx]
+            b.grads = [grads[i] for i in idx]
+            buckets.append(b)
+        return buckets
+
+    def _per_tensor(self, gi: int, group: dict, grads: list):
+        """Precise errors, sparse, complex, odd layouts."""
+        params = group["params"]
+        kinds = torch.ops.fastaccum._pair_kinds.default(params, grads)
+        split: dict[tuple[torch.device, torch.dtype, bool], Bucket] = {}
+        sparse: list[tuple[Tensor, Tensor]] = []
+        for pi, (p, g, kind) in enumerate(zip(params, grads, kinds)):
+            if kind == PairKind.NO_GRAD:
+                continue
+            where = f"param_groups[{gi}]['params'][{pi}]"
+            _raise_for(kind, where, p, g)
+            self.require_kernels(p.device, where)
+            if kind == PairKind.SPARSE:
+                if as_float(group["weight_decay"]) != 0:
+                    raise RuntimeError(
+                        f"AccumOptimizer: {where} has a sparse grad, and param_groups[{gi}] has "
+                        "weight_decay != 0; sparse gradients do not support weight decay "
+                        "(torch.optim.SGD fails there too: add(sparse, dense) is not supported)"
+                    )
+                sparse.append((p, g))
+                continue
+            plain = kind == PairKind.FUSABLE
+            b = split.get((p.device, p.dtype, plain))
+            if b is None:
+                b = split[(p.device, p.dtype, plain)] = Bucket(p.device, plain)
+            b.params.append(p)
+            b.grads.append(g)
+        return list(split.values()), sparse
+
+    def require_kernels(self, device: torch.device, where: str) -> None:
+        if device.type in self._devices_ok:
+            return
+        if not _ops.has_kernel_for(device.type):
+            if device.type == "cuda":
+                raise RuntimeError(
+                    f"AccumOptimizer: {where} has parameters on {device}, but torch_fastaccum was "
+                    "built without CUDA kernels; rebuild it where torch has CUDA and nvcc is "
+                    "found (pip install --no-build-isolation -e .)"
+                )
+            raise RuntimeError(
+                f"AccumOptimizer: {where} has parameters on {device}; torch_fastaccum's fused "
+                f"kernels support CPU, CUDA and meta (shape-only) parameters, not {device.type}"
+            )
+        self._devices_ok.add(device.type)
+
+
+def _raise_for(kind: int, where: str, p: Tensor, g: Tensor) -> None:
+    if kind == PairKind.MISMATCH:
+        raise RuntimeError(
+            f"AccumOptimizer: {where} (shape {tuple(p.shape)}, {p.dtype}, {p.device}) has a "
+            f"grad of shape {tuple(g.shape)}, {g.dtype}, {g.device}; the grad must match its "
+            "parameter's dtype, shape and device"
+        )
+    if kind == PairKind.BAD_DTYPE:
+        raise RuntimeError(
+            f"AccumOptimizer: {where} has dtype {p.dtype}; the fused kernels update float32, "
+            "float64, float16 and bfloat16 parameters, and complex ones of those"
+        )
+    if kind == PairKind.BAD_LAYOUT:
+        raise RuntimeError(
+            f"AccumOptimizer: {where} is a {p.layout} parameter with a {g.layout} grad; only "
+            "strided parameters with strided or sparse COO grads are supported"
+        )
