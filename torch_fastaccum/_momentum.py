@@ -27,6 +27,16 @@ def kernel_state(state, params: list[Tensor], targets: list[Tensor], verify: boo
     where missing (zeroed buffer, 0 updates). `targets` are what the kernels
     update (a param or its dense stand-in): the buffers follow their dtype,
     device and layout when `verify` (params moved or cast since)."""
+    if not verify:  # the steady state: every entry exists; C-level loops
+        entries = list(map(state.__getitem__, params))
+        try:
+            bufs = [s[MOMENTUM] for s in entries]
+            counts = [s[UPDATES] for s in entries]
+        except KeyError:
+            pass
+        else:
+            if not any(b is None for b in bufs):
+                return bufs, counts
     bufs, counts = [], []
     for p, target in zip(params, targets):
         s = state[p]
