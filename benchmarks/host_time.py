@@ -39,10 +39,10 @@ import torch
 from torch_fastaccum import AccumOptimizer, GradScaler
 
 from .budget import MIN_REPEATS, repeats_that_fit
+from .meta import loadavg
+from .speed import HYPER, SCALE, fresh_params
 from .stats import summarize
 
-SCALE = 1.0 + 2.0**-10
-HYPER = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
 GRAD_STD = 1e-3  # small grads: nothing overflows, nothing is skipped
 PATHS = ("torch_default", "torch_fused", "fastaccum", "fastaccum_scaler", "fastaccum_scaler_count_first",
          "fastaccum_scaler_count_last", "torch_amp_fused")
@@ -78,21 +78,12 @@ def initial(n_tensors: int, numel: int, seed: int = 5) -> tuple[list[torch.Tenso
     return list(values.unbind(0)), list(grads.unbind(0))
 
 
-def _params(init) -> list[torch.nn.Parameter]:
-    params = []
-    for v, gr in zip(*init):
-        p = torch.nn.Parameter(v.clone())
-        p.grad = gr.clone()
-        params.append(p)
-    return params
-
-
 class _Path:
     """One path's parameters, optimizer, scaler and the step it times."""
 
     def __init__(self, key: str, init, k: int):
         self.key = key
-        self.params = _params(init)
+        self.params = fresh_params(zip(*init))
         self.scaler = None
         self.k = 1
         if key == "torch_default":
@@ -275,13 +266,13 @@ def main(argv=None) -> int:
     ap.add_argument("--n-tensors", type=int, default=10_000)
     ap.add_argument("--json", default=None, help="also write the result to this file")
     args = ap.parse_args(argv)
-    load_start = os.getloadavg()[0]
+    load_start = loadavg()
     h = measure_host_time(n_tensors=args.n_tensors, runs=args.runs, quick=args.quick, threads=args.threads)
     h["torch_fastaccum_file"] = torch_fastaccum.__file__
-    h["loadavg_start"], h["loadavg_end"] = load_start, os.getloadavg()[0]
+    h["loadavg_start"], h["loadavg_end"] = load_start, loadavg()
     print(f"torch_fastaccum from {torch_fastaccum.__file__}, torch {torch.__version__}, "
-          f"{h['threads']} threads, {h['seconds']:.1f} s, 1-minute load {h['loadavg_start']:.2f} -> "
-          f"{h['loadavg_end']:.2f} on {os.cpu_count()} CPUs")
+          f"{h['threads']} threads, {h['seconds']:.1f} s, 1-minute load {h['loadavg_start']} -> "
+          f"{h['loadavg_end']} on {os.cpu_count()} CPUs")
     print("\n".join(table(h)))
     if args.json:
         with open(args.json, "w") as f:

@@ -27,6 +27,7 @@ ACCESSES = {"torch_default": 7, "torch_fused": 7, "fastaccum": 7, "fastaccum_no_
 # skip the multiply and the write); this close to 1 the grads, unscaled again
 # on every timed step, stay normal floats for thousands of steps.
 SCALE = 1.0 + 2.0**-10
+HYPER = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
 
 
 def _initial(sizes: list[int], dtype, device: str, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -36,23 +37,29 @@ def _initial(sizes: list[int], dtype, device: str, seed: int) -> list[tuple[torc
              torch.randn(n, generator=g).to(device=device, dtype=dtype)) for n in sizes]
 
 
+def fresh_params(init) -> list[torch.nn.Parameter]:
+    """Parameters with their grads, each its own copy of an (value, grad)
+    pair of `init`: every path of a comparison starts from the same values."""
+    params = []
+    for value, grad in init:
+        p = torch.nn.Parameter(value.clone())
+        p.grad = grad.clone()
+        params.append(p)
+    return params
+
+
 def _make(path: str, sizes: list[int], dtype, device: str, seed: int, init=None):
     """Optimizer and scaler of one path over fresh tensors. `init` (from
     _initial with the same sizes) saves drawing the values again: every path
     of a case starts from the same values, each from its own copy."""
     if init is None:
         init = _initial(sizes, dtype, device, seed)
-    params = []
-    for value, grad in init:
-        p = torch.nn.Parameter(value.clone())
-        p.grad = grad.clone()
-        params.append(p)
-    hyper = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    params = fresh_params(init)
     if path.startswith("fastaccum"):
-        opt = AccumOptimizer(params, grad_writeback=path == "fastaccum", **hyper)
+        opt = AccumOptimizer(params, grad_writeback=path == "fastaccum", **HYPER)
         scaler = GradScaler(device, init_scale=SCALE)
     else:
-        opt = torch.optim.SGD(params, fused=(path == "torch_fused"), **hyper)
+        opt = torch.optim.SGD(params, fused=(path == "torch_fused"), **HYPER)
         scaler = torch.amp.GradScaler(device, init_scale=SCALE)
     scaler.scale(torch.ones((), device=device))  # initialises the scale tensor
     return opt, scaler

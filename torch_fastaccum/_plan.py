@@ -82,10 +82,9 @@ class StepPlan:
             params = group["params"]
             if gp.group is not group or gp.params is not params or gp.signature is None:
                 return False
-            grads = [p.grad for p in params]
+            grads, first, signature = _triage(params)
             if len(grads) != len(gp.grads) or not all(map(operator.is_, grads, gp.grads)):
                 return False
-            first, signature = torch.ops.fastaccum._first_unfusable.default(params, grads)
             if first >= 0 or signature != gp.signature:
                 return False
         return True
@@ -116,8 +115,7 @@ class Planner:
         groups = []
         for gi, group in enumerate(param_groups):
             params = group["params"]
-            grads = [p.grad for p in params]
-            first_bad, signature = torch.ops.fastaccum._first_unfusable.default(params, grads)
+            grads, first_bad, signature = _triage(params)
             if first_bad < 0:
                 groups.append(GroupPlan(group, grads, signature, self._plain(gi, params, grads, signature), []))
             else:
@@ -189,6 +187,15 @@ class Planner:
                 f"kernels support CPU, CUDA and meta (shape-only) parameters, not {device.type}"
             )
         self._devices_ok.add(device.type)
+
+
+def _triage(params: list[Tensor]) -> tuple[list, int, int]:
+    """The params' grads, and the C++ triage of them (csrc/fusable.cpp):
+    the first pair that is not fusable as it is (-1: none) and the
+    device/dtype signature."""
+    grads = [p.grad for p in params]
+    first, signature = torch.ops.fastaccum._first_unfusable.default(params, grads)
+    return grads, first, signature
 
 
 def _raise_for(kind: int, where: str, p: Tensor, g: Tensor) -> None:

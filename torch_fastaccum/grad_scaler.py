@@ -85,8 +85,9 @@ class GradScaler(torch.amp.GradScaler):
         super().__init__(device, init_scale, growth_factor, backoff_factor, growth_interval, enabled)
 
     def _new_found_inf(self) -> torch.Tensor:
-        scale, _ = self._check_scale_growth_tracker("unscale_")
-        return torch.zeros((), dtype=torch.float32, device=scale.device)
+        # Both callers come after torch's _check_scale_growth_tracker, which
+        # made sure the scale exists.
+        return torch.zeros((), dtype=torch.float32, device=self._scale.device)
 
     # torch's step() calls this for optimizers with _step_supports_amp_scaling.
     def _check_inf_per_device(self, optimizer):
