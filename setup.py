@@ -97,6 +97,37 @@ if use_cuda and not os.getenv("TORCH_CUDA_ARCH_LIST"):
     # Without a visible GPU, cpp_extension would guess; pin the archs we ship.
     os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
+
+def _libstdcxx_link_args():
+    """Links the libstdc++.so.6 this process loaded with torch, ahead of the
+    compiler's own -lstdc++.
+
+    A compiler whose driver links libstdc++ statically, in whole or in part
+    (a GCC built without a shared libstdc++, -static-libstdc++ in its specs,
+    devtoolset's libstdc++_nonshared.a), puts a second copy of iostreams and
+    locales into the extension. c10's error messages are built in a stream
+    that both copies then touch: `<< size_t` gave a truncated message here and
+    a segfault on the H200 build machine (/opt/gcc; benchmarks/results/
+    nvidia-h200-2026-11-30-notes.md). With the shared library first on the
+    link line, every symbol it has resolves to it, as in torch's own
+    libraries; only symbols newer than it could still come from an archive.
+    Linux only; nothing is added when no libstdc++ is mapped."""
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libstdc++.so" in line}
+    except OSError:
+        return []
+    paths = sorted(p for p in paths if os.path.isabs(p))
+    if not paths:
+        return []
+    # --no-as-needed: recorded as a dependency whatever else the line holds.
+    return ["-Wl,--push-state,--no-as-needed", paths[0], "-Wl,--pop-state"]
+
+
+link_args = (["-fopenmp"] if sys.platform.startswith("linux") else []) + _libstdcxx_link_args()
+
 # py_limited_api=True: cpp_extension itself defines Py_LIMITED_API (its minimum
 # CPython); defining it here too could disagree with another torch version.
 define_macros = []
@@ -105,7 +136,7 @@ if use_cuda:
         "torch_fastaccum._C",
         cpp_sources + cuda_sources,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
+        extra_link_args=link_args,
         define_macros=define_macros + [("FASTACCUM_WITH_CUDA", "1")],
         py_limited_api=True,
     )
@@ -114,7 +145,7 @@ else:
         "torch_fastaccum._C",
         cpp_sources,
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
+        extra_link_args=link_args,
         define_macros=define_macros,
         py_limited_api=True,
     )

@@ -19,7 +19,7 @@
 #                 (tests/conftest.py: all of tests/test_cuda.py, every test with
 #                 a "cuda" device parameter, every test skipped without CUDA;
 #                 the CPU-only tests are deselected, CPU CI runs them). With
-#                 pytest-xdist, 4 workers (PYTEST_WORKERS=0: serial); with
+#                 pytest-xdist, 8 workers (PYTEST_WORKERS=0: serial); with
 #                 pytest-timeout, 60 s per test.
 #   memcheck      compute-sanitizer --tool memcheck and
 #   racecheck     --tool racecheck, each on two fast tests of tests/test_cuda.py
@@ -41,44 +41,37 @@
 # after it (and at most its own budget where it has a cap), so a stage that
 # hangs cannot eat a later stage's budget and the command always ends in time.
 #
-# Budgets (s), and what each stage is expected to take on the H200 machine (16
-# cores, torch 2.11+cu130, nvcc 13.0). The times there are ESTIMATES: nothing
-# of this package has run on a GPU yet; only the CPU numbers were measured.
+# Budgets (s), and what each stage took on the H200 machine (16 cores, torch
+# 2.11+cu130, nvcc 13.0, /opt/gcc) on 2026-11-30, the first visit
+# (benchmarks/results/nvidia-h200-2026-11-30-notes.md):
 #
 #   test, limit 290:
-#     held back for the later stages: cuda_kernels 15 + pytest 85 + memcheck 40
-#     + racecheck 40 = 180; info and build share the first 110.
-#     info          bounded by its own timeouts (5 s + 15 s); expected ~5 s.
-#     build         cap 100; expected ~50-70 s. Measured on this project's
-#                   2-core CPU machine (shared with other work): nvcc for sm_90
-#                   alone took 41-42 s for each of the 2 .cu files (compiled in
-#                   parallel), and the 8 .cpp files (USE_CUDA=0) 27 s with
-#                   MAX_JOBS=2. With 16 jobs everything compiles at once, so the
-#                   wall time is about the slowest nvcc (~40 s, if that CPU is as
-#                   fast per core) plus linking and pip (~10-20 s).
-#     cuda_kernels  cap 15; expected ~5-10 s (torch import, CUDA context).
-#     pytest        85 plus whatever the stages before it left (~135 s when the
-#                   build takes 60 s); expected ~60-110 s serial, less with
-#                   xdist. ~1,120 tests (~870 before the .grad write-back
-#                   cases); the ~870 on the 2-core CPU machine:
-#                   tests/test_cuda.py with FASTACCUM_TEST_CUDA_AS=cpu 77 s, the
-#                   CPU twins of the other CUDA cases 53 s.
-#     memcheck      40 plus what pytest left; racecheck 40. Expected ~20-40 s
-#                   each: start-up under the sanitizer dominates two small tests.
+#     held back for the later stages: cuda_kernels 15 + pytest 85 + memcheck 20
+#     + racecheck 20 = 140; info and build share the first 150.
+#     info          bounded by its own timeouts (5 s + 15 s); took ~5 s.
+#     build         cap 100; took 34-41 s (16 jobs: about the slowest nvcc).
+#     cuda_kernels  cap 15; took 4-5 s.
+#     pytest        85 plus whatever the stages before it left (~190 s after a
+#                   40 s build). ~1,150 tests: with 4 workers not done at 160 s
+#                   (3 worker crashes, each restarting a worker, since fixed);
+#                   with 8 workers 94% done at 125 s with one crash. Hence 8
+#                   workers and smaller sanitizer budgets.
+#     memcheck      20 plus what pytest left; racecheck 20. Took 7 s each.
 #   bench, limit 210:
 #     info (~5 s), cuda_kernels (cap 15); on a fresh machine also build (cap
 #     100) and cuda_kernels again; then bench with a limit of what is left
 #     less 5 s and --time-budget of that less 35 s: ~155 s when no build was
-#     needed, ~75 s after a 60 s build.
-#     bench         expected ~60-100 s for the full benchmark (parity 100
-#                   updates, 4 speed cases of up to 100M parameters set up with
-#                   CPU randn, the end-to-end loop); the budget only bounds it.
+#     needed, ~75 s after a 40 s build.
+#     bench         took 70 s of measurement (77 s with start-up; parity 9 s,
+#                   4 speed cases 47 s of which 34 s the host-bound 10,000 x
+#                   1,000 case, host time 10 s, end-to-end 1 s): the whole
+#                   benchmark fits even after a build.
 #
 # A visit (15 minutes of machine time, start and idle waits included):
 #   start ~2 min + test <= 4.8 min + turnaround <= 0.5 min (the machine stays
 #   warm 30 s after a call) + bench <= 3.5 min = 10.8 min at worst, 4.2 min
-#   to spare: a rerun of bench fits. Expected (estimates above): 2 + ~3.5 + 0.5
-#   + ~2 = ~8 min, 7 to spare: a rerun of either command fits. If bench starts
+#   to spare: a rerun of bench fits. Seen on 2026-11-30: start ~0.5 min, test
+#   3.7 min (cut by the crashes since fixed), bench 1 min: 5.3 min held. If bench starts
 #   more than 30 s after test, the machine is fresh: add ~2 min of start (bench
 #   then rebuilds within its own limit), and no machine starts with under 4
 #   minutes of the visit left.
@@ -103,7 +96,7 @@
 #   RESULTS_DIR           default benchmarks/results
 #   GPU_CHECK_LIMIT       the command's time limit in seconds (defaults above)
 #   PYTEST_SELECTION      what pytest runs (default: "tests --cuda-only")
-#   PYTEST_WORKERS        pytest-xdist workers when it is installed (default 4; 0: serial)
+#   PYTEST_WORKERS        pytest-xdist workers when it is installed (default 8; 0: serial)
 #   SANITIZER_TESTS       the tests run under compute-sanitizer (node ids)
 #   BENCH_BUDGET          cap of the benchmark's --time-budget (default 180)
 #   BENCH_ARGS            extra arguments for python -m benchmarks
@@ -256,11 +249,11 @@ else:
 '
 
 # --- test ------------------------------------------------------------------------------
-# Budgets (s). Held back for the later stages: 15 + 85 + 40 + 40 = 180 of the
+# Budgets (s). Held back for the later stages: 15 + 85 + 20 + 20 = 140 of the
 # default limit of 290; info and build share the first 110. The build and the
 # check are capped at their budgets; pytest and memcheck also get what the
 # stages before them left unused.
-B_BUILD=100 B_KERNELS=15 B_PYTEST=85 B_MEMCHECK=40 B_RACECHECK=40
+B_BUILD=100 B_KERNELS=15 B_PYTEST=85 B_MEMCHECK=20 B_RACECHECK=20
 NO_CAP=100000
 
 sanitize() {  # sanitize TOOL HELD_BACK
@@ -306,10 +299,10 @@ run_test() {
 
   local -a sel extra=()
   read -r -a sel <<<"${PYTEST_SELECTION:-tests --cuda-only}"
-  if "$PYTHON" -c "import xdist" 2>/dev/null && [[ "${PYTEST_WORKERS:-4}" != 0 ]]; then
+  if "$PYTHON" -c "import xdist" 2>/dev/null && [[ "${PYTEST_WORKERS:-8}" != 0 ]]; then
     # loadfile: each module in one worker (module-scoped fixtures, e.g. the DDP
     # launch, run once).
-    extra+=(-n "${PYTEST_WORKERS:-4}" --dist loadfile)
+    extra+=(-n "${PYTEST_WORKERS:-8}" --dist loadfile)
   fi
   if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then extra+=(--timeout 60); fi
   held=$((B_MEMCHECK + B_RACECHECK))

@@ -87,7 +87,9 @@ def _same(a, b):
 
 
 def _to(ts, device):
-    return [t.to(device) for t in ts]
+    """Copies, also to the device the tensors are on: a run that writes them
+    must not change the input of the next run."""
+    return [t.to(device, copy=True) for t in ts]
 
 
 def _clone(ts, device=None):
@@ -120,7 +122,7 @@ CHECK_CASES = [
 def test_nonfinite_check_matches_cpu(dtype, case, sizes, where):
     grads = _randn_list(sizes, dtype, seed=1)
     _inject(grads, where, float("nan") if "nan" in case else float("-inf"))
-    results = {}
+    results = []  # [cpu run, device run]: under the CPU dry run both are CPU runs
     for device in ("cpu", DEV):
         gs = _to(grads, device)
         before = _clone(gs)
@@ -130,8 +132,8 @@ def test_nonfinite_check_matches_cpu(dtype, case, sizes, where):
         _sync()
         for a, b in zip(gs, before):  # read-only pass
             assert _same(a, b)
-        results[device] = (found_inf.item(), sumsq.item())
-    (inf_cpu, sq_cpu), (inf_dev, sq_dev) = results["cpu"], results[DEV]
+        results.append((found_inf.item(), sumsq.item()))
+    (inf_cpu, sq_cpu), (inf_dev, sq_dev) = results
     assert inf_dev == inf_cpu == (1.0 if where is not None else 0.0)
     if where is None:
         # Float sums in a different order: CPU lanes + double, GPU tree + atomics.
@@ -142,19 +144,20 @@ def test_nonfinite_check_matches_cpu(dtype, case, sizes, where):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_unscale_check_matches_cpu(dtype, scale_on):
     grads = _randn_list(_many_sizes(1), dtype, seed=2, scale=1024.0)
-    out = {}
+    out = []  # [cpu run, device run]: under the CPU dry run both are CPU runs
     for device in ("cpu", DEV):
         gs = _to(grads, device)
         found_inf = torch.zeros((), device=device)
         sumsq = torch.zeros((), device=device)
         scale = torch.tensor(3000.0, device=device if scale_on == "device" else "cpu")
         ops.unscale_check_(gs, found_inf, scale, factor=0.25, sumsq=sumsq)
-        out[device] = (_clone(gs, "cpu"), found_inf.item(), sumsq.item())
+        out.append((_clone(gs, "cpu"), found_inf.item(), sumsq.item()))
+    (g_cpu, inf_cpu, sq_cpu), (g_dev, inf_dev, sq_dev) = out
     # One multiply in opmath per element: bitwise equal.
-    for a, b in zip(out["cpu"][0], out[DEV][0]):
+    for a, b in zip(g_cpu, g_dev):
         assert torch.equal(a, b)
-    assert out["cpu"][1] == out[DEV][1] == 0.0
-    assert math.isclose(out["cpu"][2], out[DEV][2], rel_tol=1e-4)
+    assert inf_cpu == inf_dev == 0.0
+    assert math.isclose(sq_cpu, sq_dev, rel_tol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -179,8 +182,12 @@ def test_check_ops_empty_list_and_errors():
         g = [torch.randn(10, device="cuda")]
         with pytest.raises(RuntimeError, match="found_inf"):
             ops.nonfinite_check_(g, torch.zeros(()))  # CPU flag for CUDA grads
-        with pytest.raises(RuntimeError):
-            ops.nonfinite_check_([g[0], torch.randn(3)], torch.zeros((), device="cuda"))
+        # The whole message, index included: a build with a second libstdc++
+        # lost it after "grads[" or crashed here (tests/test_libstdcxx.py).
+        for check in (lambda gs, f: ops.nonfinite_check_(gs, f),
+                      lambda gs, f: ops.unscale_check_(gs, f, torch.ones((), device="cuda"))):
+            with pytest.raises(RuntimeError, match=r"grads\[1\] is on cpu but grads\[0\] is on cuda:0"):
+                check([g[0], torch.randn(3)], torch.zeros((), device="cuda"))
 
 
 SGD_CONFIGS = [
@@ -350,7 +357,7 @@ def test_fused_sgd_device_errors():
     with pytest.raises(RuntimeError, match="steps"):
         ops.fused_sgd_(p, g, [torch.zeros(10, device="cuda")], [torch.zeros(())], lr=0.1, weight_decay=0.0,
                        momentum=0.9, dampening=0.0, nesterov=False, maximize=False)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"params\[1\] is on cpu but params\[0\] is on cuda:0"):
         ops.fused_sgd_(p + [torch.randn(3)], g + [torch.randn(3)], [], [], lr=0.1, weight_decay=0.0,
                        momentum=0.0, dampening=0.0, nesterov=False, maximize=False)
 
