@@ -1,5 +1,11 @@
 """python -m benchmarks: parity verdict and speed table, side by side in one run.
 
+Sections: the parity verdict; the optimizer step with a scaler (speed
+table, benchmarks/speed.py); the step with gradient clipping, torch's
+unscale_ + clip_grad_norm_ against scaler.clip_grad_norm_ (benchmarks/clip.py,
+"clip" in the JSON; --skip-clip leaves it out); the per-step host time over
+many small tensors (benchmarks/host_time.py); the end-to-end training loop.
+
 Writes <out>/<device>-<date>.json (machine-readable), .md (the tables) and
 .png (the plot), all three with one stem; a stem already used in <out> (an
 earlier run the same day) gets -2, -3, ... instead of being overwritten. Both
@@ -25,6 +31,7 @@ import torch
 
 import torch_fastaccum  # noqa: F401  (registers torch.ops.fastaccum)
 
+from . import clip
 from .budget import E2E_SHARE, MIN_REPEATS, PARITY_SHARE, TimeBudget
 from .e2e import time_e2e
 from .host_time import measure_host_time
@@ -147,6 +154,43 @@ def _pct(v: dict, cache: str) -> str:
     return f"{100 * frac:.0f}%" + (f" ({cache})" if v.get("cache_resident") else "")
 
 
+def _timings_table(cases: list[dict]) -> list[str]:
+    """Every path's min / median / p90 / spread of a list of timed cases."""
+    lines = [
+        "| case | path | repeats | min ms | median ms | p90 ms | spread | median/min | noisy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for c in cases:
+        for k, v in c["paths"].items():
+            lines.append(
+                f"| {c['case']} | {PATH_NAMES.get(k, k)} | {v['samples']} | {v['min_ms']:.3f} | "
+                f"{v['median_ms']:.3f} | {v['p90_ms']:.3f} | {v['spread']:.2f} | {v['median_over_min']:.2f} | "
+                + (f"{NOISY_MARK} noisy" if v["noisy"] else "") + " |"
+            )
+    return lines
+
+
+def _counts_table(cases: list[dict], what: str = "step") -> list[str]:
+    """Host syncs / kernel launches of each path (CUDA runs; nothing where no
+    case has them)."""
+    if not any("host_syncs" in c["paths"]["fastaccum"] for c in cases):
+        return []
+    lines = [
+        "",
+        f"Host syncs / kernel launches per {what} (sync debug mode, profiler):",
+        "",
+        "| case | torch default | torch fused | fastaccum | `grad_writeback=False` |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for c in cases:
+        cells = [f"{c['paths'][k].get('host_syncs', '?')} / {c['paths'][k].get('kernel_launches', '?')}"
+                 for k in PATH_KEYS]
+        lines.append(f"| {c['case']} | " + " | ".join(cells) + " |")
+    if any(c.get("count_error") for c in cases):
+        lines += [""] + [f"- {c['case']}: no counts ({c['count_error']})" for c in cases if c.get("count_error")]
+    return lines
+
+
 def _speed(result: dict) -> list[str]:
     speed = result["speed"]
     copy = result.get("copy") or {}
@@ -198,17 +242,7 @@ def _speed(result: dict) -> list[str]:
         "",
         "Timings of every path (the medians above come from here):",
         "",
-        "| case | path | repeats | min ms | median ms | p90 ms | spread | median/min | noisy |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for c in speed:
-        for k, v in c["paths"].items():
-            lines.append(
-                f"| {c['case']} | {PATH_NAMES.get(k, k)} | {v['samples']} | {v['min_ms']:.3f} | "
-                f"{v['median_ms']:.3f} | {v['p90_ms']:.3f} | {v['spread']:.2f} | {v['median_over_min']:.2f} | "
-                + (f"{NOISY_MARK} noisy" if v["noisy"] else "") + " |"
-            )
-    lines += [
+    ] + _timings_table(speed) + [
         "",
         "Legend:",
         "",
@@ -236,18 +270,7 @@ def _speed(result: dict) -> list[str]:
            "reference may itself be partly cache-served: figures under 100% can be cache-assisted too."
            if copy.get("exceeds_cache") is False else ""),
     ]
-    if any("host_syncs" in c["paths"]["fastaccum"] for c in speed):
-        lines += [
-            "",
-            "Host syncs / kernel launches per step (sync debug mode, profiler):",
-            "",
-            "| case | torch default | torch fused | fastaccum | `grad_writeback=False` |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for c in speed:
-            cells = [f"{c['paths'][k].get('host_syncs', '?')} / {c['paths'][k].get('kernel_launches', '?')}"
-                     for k in PATH_KEYS]
-            lines.append(f"| {c['case']} | " + " | ".join(cells) + " |")
+    lines += _counts_table(speed)
     orders = [c for c in speed if "reverse_order_speedup" in c]
     if orders:
         lines += ["", "Update pass order (default forward; reverse = read first what the check pass read "
@@ -284,6 +307,91 @@ def _e2e(e: dict) -> list[str]:
         + (f" {NOISY_MARK} noisy: do not quote this ratio." if e.get("noisy") else ""),
         "",
     ]
+    return lines
+
+
+def _clip(result: dict) -> list[str]:
+    """The "step with clipping" section (benchmarks/clip.py)."""
+    title = "## Step with clipping (`scaler.clip_grad_norm_` against `unscale_` + `clip_grad_norm_`)"
+    cases_ = result.get("clip") or []
+    skipped = result.get("clip_cases_skipped") or []
+    if not cases_:
+        why = result.get("clip_skipped") or ("every case skipped by the time budget" if skipped else "not run")
+        return [title, "", f"Skipped: {why}."] + [f"- {c['case']}: {c['reason']}" for c in skipped] + [""]
+    m = result.get("machine", {})
+    cache, cache_bytes = m.get("last_level_cache", "L3"), m.get("last_level_cache_bytes")
+    paths_all = [(c, k) for c in cases_ for k in c["paths"]]
+    noisy = [(c, k) for c, k in paths_all if c["paths"][k].get("noisy")]
+    cached = [(c, k) for c, k in paths_all if c["paths"][k].get("cache_resident")]
+    b = clip.ACCESSES
+    lines = [
+        title,
+        "",
+        "One whole step per path, timed: torch: `scaler.unscale_(opt); "
+        "torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True); scaler.step(opt); scaler.update()`; "
+        "fastaccum: `scaler.clip_grad_norm_(opt, max_norm); scaler.step(opt); scaler.update()` (one read pass "
+        "makes the norm with the inf/NaN check, the fused update applies the clip coefficient). "
+        f"max_norm = {cases_[0]['clip_fraction']:g} x the norm of the unscaled grads, so every step clips; "
+        f"loss scale {cases_[0]['loss_scale']:.6g} (1 + 2^-10), so every step unscales; each path's grads are "
+        "restored from a saved copy before every step, outside the timing.",
+        "",
+        f"**{len(noisy)} of {len(paths_all)} path timings are noisy** ({NOISY_MARK}: median/min > "
+        f"{NOISY_RATIO})" + (": do not quote their ratios." if noisy else ": none."),
+        "",
+        f"| case | torch default ms ({4 * b['torch_default']} B) | torch fused ms ({4 * b['torch_fused']} B) "
+        f"| fastaccum ms ({4 * b['fastaccum']} B) | vs best torch | best torch GB/s | fastaccum GB/s | % of copy "
+        f"| `grad_writeback=False` ms ({4 * b['fastaccum_no_writeback']} B) | its vs best torch | its GB/s "
+        "| its % of copy | write-back cost |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in cases_:
+        d, f, o, n = (c["paths"][k] for k in PATH_KEYS)
+        best = c["paths"][c["best_torch"]]
+        lines.append(
+            f"| {c['case']} | {_cell(d['ms'], d)} | {_cell(f['ms'], f)} | {_cell(o['ms'], o)} | "
+            f"**{c['speedup_vs_best_torch']:.2f}x** ({'fused' if c['best_torch'] == 'torch_fused' else 'default'}) | "
+            f"{best['gbps']:.1f} | {o['gbps']:.1f} | {_pct(o, cache)} | {_cell(n['ms'], n)} | "
+            f"{c['no_writeback_speedup_vs_best_torch']:.2f}x | {n['gbps']:.1f} | {_pct(n, cache)} | "
+            f"{c['writeback_cost']:.2f}x |"
+        )
+    lines.append("")
+    for c in cases_:
+        coefs = sorted({round(v["clip_coef"], 4) for v in c["paths"].values()})
+        lines.append(
+            f"- {c['case']}: max_norm {c['max_norm']:.4g} (grads' unscaled norm {c['grad_norm']:.4g}); every "
+            f"path's last step returned the norm within {c['norm_max_rel_diff']:.1e} (relative) of the others "
+            f"and clipped by {', '.join(f'{x:g}' for x in coefs)}"
+            + ("." if c["clipped"] else f" -- {NOISY_MARK} NOT every path clipped: the comparison is unsound."))
+        if not c.get("torch_scaler_enabled", True):
+            lines.append(
+                f"- {c['case']}: torch.amp.GradScaler cannot unscale {c['dtype']} grads on this device, so "
+                "torch's rows there run with the scaler disabled (no unscale, no inf check: "
+                f"{clip.TORCH_UNSCALED} element accesses, {c['paths']['torch_default']['min_bytes'] // c['numel']} B "
+                "per element), less work than ours.")
+    for s in skipped:
+        lines.append(f"- {s['case']}: {s['reason']}")
+    lines += [
+        "",
+        "Timings of every path (the medians above come from here):",
+        "",
+    ] + _timings_table(cases_) + [
+        "",
+        "Legend: ms, min, median, p90, spread, noisy as in the speed table; **vs best torch**: the median of the "
+        "faster torch path (named) over fastaccum's median, above 1 ours is faster. GB/s counts each path's "
+        "minimum traffic per fp32 parameter at its median time (halve the bytes for bf16): fastaccum "
+        f"{4 * b['fastaccum']} B (the norm/check pass reads the grad; the update reads it again, reads and writes "
+        "param and momentum, writes the unscaled clipped grad back: the same bytes as the step without clipping); "
+        f"`grad_writeback=False` {4 * b['fastaccum_no_writeback']} B (no write-back); torch "
+        f"{4 * b['torch_default']} B (unscale_ reads and writes the grad, 8 B; the clip's norm reads it, 4 B, its "
+        "multiply reads and writes it, 8 B, even at coefficient 1; the SGD step reads and writes param and "
+        "momentum and reads the grad, 20 B; temporaries of torch's non-fused step not counted). "
+        f"**% of copy** and **({cache})** as in the speed table ({_mib(cache_bytes)} of {cache} here)"
+        + (f"; {len(cached)} of {len(paths_all)} figures here are cache-served." if cached else ".")
+        + " The grad restore before each step leaves the end of the grads in the cache, as a backward pass "
+        "would. **write-back cost**: fastaccum's median over `grad_writeback=False`'s.",
+    ]
+    lines += _counts_table(cases_, "step with clipping")
+    lines.append("")
     return lines
 
 
@@ -337,13 +445,14 @@ def _budget(result: dict) -> list[str]:
         + ", ".join(f"{k} {v:.1f} s" for k, v in b["stages_s"].items()) + ".",
         "",
     ]
-    for c in result["speed"]:
+    timed = [("speed", c) for c in result["speed"]] + [("clip", c) for c in result.get("clip") or []]
+    for kind, c in timed:
         cb = c.get("budget")
         if cb:
-            lines.append(f"- speed {c['case']}: {cb['repeats_taken']} of {cb['repeats_planned']} timed repeats"
+            lines.append(f"- {kind} {c['case']}: {cb['repeats_taken']} of {cb['repeats_planned']} timed repeats"
                          + (" (cut by the budget)" if cb["cut_by_budget"] else "") + f", {cb['case_s']:.1f} s")
     lines += [f"- {n}" for n in b["notes"]]
-    if not b["notes"] and not any(c.get("budget", {}).get("cut_by_budget") for c in result["speed"]):
+    if not b["notes"] and not any(c.get("budget", {}).get("cut_by_budget") for _, c in timed):
         lines.append("- nothing was cut or skipped")
     lines.append("")
     return lines
@@ -351,6 +460,8 @@ def _budget(result: dict) -> list[str]:
 
 def markdown(result: dict) -> str:
     lines = _header(result) + _parity(result["parity"]) + _speed(result)
+    if result.get("clip") or result.get("clip_skipped") or result.get("clip_cases_skipped"):
+        lines += _clip(result)
     if result.get("host_time") or result.get("host_time_skipped"):
         lines += _host_time(result)
     if result.get("e2e"):
@@ -362,6 +473,41 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _run_cases(kind: str, todo, time_fn, device: str, repeats: int, warmup: int, copy_gbps, budget, reserve: float,
+               cases_after: int, skipped: list, note) -> list[dict]:
+    """Times the cases of one section (speed, clip) with `time_fn` (speed.time_case's signature), each
+    annotated with its fraction of the copy bandwidth. With a budget: each case gets an equal share of
+    what is left less `reserve`, counting the `cases_after` cases of later sections; a case not expected
+    to fit its minimum is skipped ({"case", "reason"} appended to `skipped`, and noted)."""
+    done = []
+    counts_s = 0.0  # time the last case spent counting syncs/launches (CUDA)
+    bar = _progress(f"{kind:6s}")
+    for i, (name, sizes, dtype) in enumerate(todo):
+        if budget is None:
+            done.append(annotate_copy_fraction(time_fn(name, sizes, dtype, device, repeats, warmup=warmup),
+                                               copy_gbps))
+        else:
+            left = budget.left() - reserve
+            need = budget.expected_min_cost(sum(sizes))
+            if left <= 0 or need > left:
+                why = (f"skipped: {max(0.0, left):.1f} s of the budget left for {kind} cases, "
+                       f"its set-up, warm-up and {MIN_REPEATS} repeats expected to take {need:.1f} s")
+                skipped.append({"case": name, "reason": why})
+                note(f"{kind} {name}: {why}")
+            else:
+                share = budget.speed_share(len(todo) - i + cases_after, reserve)
+                c = time_fn(name, sizes, dtype, device, repeats, warmup=warmup,
+                            deadline=budget.now() + share, reserve_s=counts_s)
+                counts_s = c["budget"]["counts_s"]
+                budget.record_case_min_cost(sum(sizes), c["budget"]["min_part_s"])
+                if c["budget"]["cut_by_budget"]:  # the case's "budget" entry records it
+                    sys.stderr.write(f"time budget: {kind} {name}: {c['budget']['repeats_taken']} of "
+                                     f"{repeats} timed repeats (its share: {share:.1f} s)\n")
+                done.append(annotate_copy_fraction(c, copy_gbps))
+        bar(i + 1, len(todo))
+    return done
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -371,7 +517,7 @@ def main(argv=None) -> int:
                     help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--quick", action="store_true",
                     help="small run for CI / a first look, every table row in reduced form: 30 parity "
-                         "updates, the speed cases at a tenth of their size above 1M elements, 7 repeats, "
+                         "updates, the speed and clip cases at a tenth of their size above 1M elements, 7 repeats, "
                          "5 host-time rounds, a short end-to-end loop, one thread on a CPU (~10 s on 2 cores; "
                          "see README)")
     ap.add_argument("--updates", type=int, default=None, help="parity: optimizer updates (default 100, quick 30)")
@@ -381,6 +527,9 @@ def main(argv=None) -> int:
                     help="output folder for the .json, .md and .png (default bench_out/); an existing "
                          "<device>-<date> stem there gets -2, -3, ... rather than being overwritten")
     ap.add_argument("--skip-speed", action="store_true", help="parity only (no step-time table, no end-to-end)")
+    ap.add_argument("--skip-clip", action="store_true",
+                    help="no step-with-clipping section (benchmarks/clip.py: 10M fp32 / 160 tensors on a CPU, "
+                         "1M / 160 in a quick run; the speed table's cases on CUDA)")
     ap.add_argument("--e2e-blocks", type=int, default=None,
                     help="end-to-end: timed blocks per loop, of 8 updates (quick: 2) (default 5, quick 2; 0 skips)")
     ap.add_argument("--host-time-tensors", type=int, default=10_000, metavar="N",
@@ -449,6 +598,7 @@ def main(argv=None) -> int:
     blocks = 0
     if args.skip_speed:
         result["host_time_skipped"] = "`--skip-speed`"
+        result["clip_skipped"] = "`--skip-speed`"
     else:
         t0 = time.perf_counter()
         result["copy"] = measure_copy(
@@ -457,35 +607,26 @@ def main(argv=None) -> int:
         result["copy_gbps"] = result["copy"]["gbps"]
         stage_done("copy_bandwidth", t0)
         todo = cases(args.device, args.quick)
+        clip_todo = [] if args.skip_clip else clip.cases(args.device, args.quick)
         blocks = args.e2e_blocks if args.e2e_blocks is not None else (2 if args.quick else 5)
         reserve = budget.total * E2E_SHARE if budget is not None and blocks > 0 else 0.0
-        counts_s = 0.0  # time the last case spent counting syncs/launches (CUDA)
-        bar = _progress("speed ")
         t0 = time.perf_counter()
-        for i, (name, sizes, dtype) in enumerate(todo):
-            if budget is None:
-                c = time_case(name, sizes, dtype, args.device, repeats, warmup=warmup)
-                result["speed"].append(annotate_copy_fraction(c, result["copy_gbps"]))
-            else:
-                left = budget.left() - reserve
-                need = budget.expected_min_cost(sum(sizes))
-                if left <= 0 or need > left:
-                    why = (f"skipped: {max(0.0, left):.1f} s of the budget left for speed cases, "
-                           f"its set-up, warm-up and {MIN_REPEATS} repeats expected to take {need:.1f} s")
-                    result.setdefault("speed_skipped", []).append({"case": name, "reason": why})
-                    note(f"speed {name}: {why}")
-                else:
-                    share = budget.speed_share(len(todo) - i, reserve)
-                    c = time_case(name, sizes, dtype, args.device, repeats, warmup=warmup,
-                                  deadline=budget.now() + share, reserve_s=counts_s)
-                    counts_s = c["budget"]["counts_s"]
-                    budget.record_case_min_cost(sum(sizes), c["budget"]["min_part_s"])
-                    if c["budget"]["cut_by_budget"]:  # the case's "budget" entry records it
-                        sys.stderr.write(f"time budget: speed {name}: {c['budget']['repeats_taken']} of "
-                                         f"{repeats} timed repeats (its share: {share:.1f} s)\n")
-                    result["speed"].append(annotate_copy_fraction(c, result["copy_gbps"]))
-            bar(i + 1, len(todo))
+        speed_skipped = []
+        result["speed"] = _run_cases("speed", todo, time_case, args.device, repeats, warmup, result["copy_gbps"],
+                                     budget, reserve, len(clip_todo), speed_skipped, note)
+        if speed_skipped:
+            result["speed_skipped"] = speed_skipped
         stage_done("speed", t0)
+        if args.skip_clip:
+            result["clip_skipped"] = "`--skip-clip`"
+        else:
+            t0 = time.perf_counter()
+            clip_skipped = []
+            result["clip"] = _run_cases("clip", clip_todo, clip.time_clip_case, args.device, repeats, warmup,
+                                        result["copy_gbps"], budget, reserve, 0, clip_skipped, note)
+            if clip_skipped:
+                result["clip_cases_skipped"] = clip_skipped
+            stage_done("clip", t0)
         if args.host_time_tensors > 0:
             t0 = time.perf_counter()
             left = budget.left() - reserve if budget is not None else None
@@ -523,12 +664,13 @@ def main(argv=None) -> int:
         result["budget"] = budget.as_dict()
     result["settings"] = {"updates": updates, "accumulation_steps": k, "overflow_micro_batches": overflow,
                           "repeats": repeats, "warmup": warmup, "e2e_blocks": blocks,
+                          "clip": not (args.skip_clip or args.skip_speed),
                           "e2e_block_updates": block_updates, "quick": args.quick,
                           "threads": torch.get_num_threads(),
                           "threads_from": "--threads" if args.threads is not None
                           else "--quick" if threads is not None else "default"}
-    result["noisy"] = any(c.get("noisy") for c in result["speed"]) or bool(result.get("e2e", {}).get("noisy")) \
-        or bool(result.get("host_time", {}).get("noisy"))
+    result["noisy"] = any(c.get("noisy") for c in result["speed"] + result.get("clip", [])) \
+        or bool(result.get("e2e", {}).get("noisy")) or bool(result.get("host_time", {}).get("noisy"))
 
     os.makedirs(args.out, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", mach.get("gpu") or args.device).strip("-").lower()

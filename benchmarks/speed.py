@@ -96,26 +96,20 @@ def _timer(device: str):
     return run
 
 
-def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, warmup: int = 3,
-              deadline: float | None = None, reserve_s: float = 0.0, clock=time.perf_counter) -> dict:
-    """Median step time of every path, measured interleaved so drift hits all alike.
+def time_rounds(runs, timer, repeats: int, warmup: int, t_start: float, deadline: float | None = None,
+                reserve_s: float = 0.0, clock=time.perf_counter) -> tuple[dict, int, float | None]:
+    """The round-robin timing loop of a case: every round runs each of `runs`
+    once, in order, so drift hits all alike; `warmup` untimed rounds first.
 
-    With a `deadline` (a `clock` value), the case runs its warm-up and
-    MIN_REPEATS timed rounds, then only as many more of the `repeats` as end
-    `reserve_s` before the deadline; out["budget"] says how many it took."""
-    t_start = clock()
-    init = _initial(sizes, dtype, device, seed=7)
-    setups = {p: _make(p, sizes, dtype, device, seed=7, init=init) for p in PATHS}
-    del init
-    timer = _timer(device)
-    # (label, setup, FASTACCUM_CUDA_UPDATE_ORDER): on CUDA the fused path also
-    # runs with the update walking the lists in reverse (reading first what
-    # the check pass read last, still in L2), against the default forward
-    # order. The kernels read the variable on every call.
-    runs = [(p, p, None) for p in PATHS]
-    if device == "cuda":
-        runs.append(("fastaccum_reverse_order", "fastaccum", "reverse"))
-    samples = {label: [] for label, _, _ in runs}
+    runs: (label, step, before, after) tuples; only step() is timed (by
+    `timer`), before() and after() (either may be None) run untimed just
+    before and after it, after() also when step() raises. With a `deadline`
+    (a `clock` value) the loop runs the warm-up and MIN_REPEATS timed rounds,
+    then only as many more of the `repeats` as end `reserve_s` before the
+    deadline. Returns (samples: label -> seconds per timed round, rounds
+    taken, min_part_s: the seconds from `t_start` to the end of the minimum,
+    None when no deadline cut anything)."""
+    samples = {run[0]: [] for run in runs}
     taken = repeats
     min_repeats = min(repeats, MIN_REPEATS)
     t_timed = min_part_s = None
@@ -129,21 +123,68 @@ def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, war
             taken = repeats_that_fit(repeats, min_repeats, per_round, now + reserve_s, deadline)
         if r >= warmup + taken:
             break
-        for label, p, order in runs:
-            opt, scaler = setups[p]
-
-            def step(opt=opt, scaler=scaler):
-                scaler.step(opt)
-                scaler.update()
-
-            if order is not None:
-                os.environ["FASTACCUM_CUDA_UPDATE_ORDER"] = order
+        for label, step, before, after in runs:
+            if before is not None:
+                before()
             try:
                 t = timer(step)
             finally:
-                os.environ.pop("FASTACCUM_CUDA_UPDATE_ORDER", None)
+                if after is not None:
+                    after()
             if r >= warmup:
                 samples[label].append(t)
+    return samples, taken, min_part_s
+
+
+def path_entry(samples_s, min_bytes: int) -> dict:
+    """One path's row of a case: summarize()'s statistics, "ms" (the
+    median), and GB/s of its `min_bytes` at the median and at the min."""
+    st = summarize(samples_s)
+    return {"ms": st["median_ms"], "gbps": min_bytes / st["median_ms"] / 1e6,
+            "gbps_at_min": min_bytes / st["min_ms"] / 1e6, "min_bytes": min_bytes, **st}
+
+
+def budget_entry(repeats: int, taken: int, min_part_s: float, counts_s: float, t_start: float, now: float) -> dict:
+    """A case's "budget" entry (only with a deadline)."""
+    return {
+        "repeats_planned": repeats,
+        "repeats_taken": taken,
+        "cut_by_budget": taken < repeats,
+        "min_part_s": round(min_part_s + counts_s, 3),
+        "counts_s": round(counts_s, 3),
+        "case_s": round(now - t_start, 3),
+    }
+
+
+def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, warmup: int = 3,
+              deadline: float | None = None, reserve_s: float = 0.0, clock=time.perf_counter) -> dict:
+    """Median step time of every path, measured interleaved so drift hits all alike.
+
+    With a `deadline` (a `clock` value), the case runs its warm-up and
+    MIN_REPEATS timed rounds, then only as many more of the `repeats` as end
+    `reserve_s` before the deadline; out["budget"] says how many it took."""
+    t_start = clock()
+    init = _initial(sizes, dtype, device, seed=7)
+    setups = {p: _make(p, sizes, dtype, device, seed=7, init=init) for p in PATHS}
+    del init
+    timer = _timer(device)
+
+    def step_of(opt, scaler):
+        def step():
+            scaler.step(opt)
+            scaler.update()
+        return step
+
+    # (label, step, before, after): on CUDA the fused path also runs with the
+    # update walking the lists in reverse (FASTACCUM_CUDA_UPDATE_ORDER,
+    # reading first what the check pass read last, still in L2), against the
+    # default forward order. The kernels read the variable on every call.
+    runs = [(p, step_of(*setups[p]), None, None) for p in PATHS]
+    if device == "cuda":
+        runs.append(("fastaccum_reverse_order", step_of(*setups["fastaccum"]),
+                     lambda: os.environ.__setitem__("FASTACCUM_CUDA_UPDATE_ORDER", "reverse"),
+                     lambda: os.environ.pop("FASTACCUM_CUDA_UPDATE_ORDER", None)))
+    samples, taken, min_part_s = time_rounds(runs, timer, repeats, warmup, t_start, deadline, reserve_s, clock)
     numel = sum(sizes)
     elem = torch.empty((), dtype=dtype).element_size()
     torch_scaled = torch_scaler_takes(dtype, device)
@@ -152,12 +193,9 @@ def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, war
            # param, grad and momentum of one path; the case keeps all its paths alive
            "working_set_bytes": 3 * elem * numel, "warmup": warmup, "paths": {}}
     for p in samples:
-        st = summarize(samples[p])
         # see ACCESSES; torch without its scaler: param, momentum r+w, grad r
         accesses = 5 if p.startswith("torch") and not torch_scaled else ACCESSES[p]
-        min_bytes = accesses * elem * numel
-        out["paths"][p] = {"ms": st["median_ms"], "gbps": min_bytes / st["median_ms"] / 1e6,
-                           "gbps_at_min": min_bytes / st["min_ms"] / 1e6, "min_bytes": min_bytes, **st}
+        out["paths"][p] = path_entry(samples[p], accesses * elem * numel)
     out["noisy"] = any(v["noisy"] for v in out["paths"].values())
     t_counts = clock()
     if min_part_s is None:  # every planned round was part of the minimum
@@ -169,15 +207,7 @@ def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, war
         except Exception as e:  # the timings stand without the counts
             out["count_error"] = f"{type(e).__name__}: {e}"
     if deadline is not None:
-        counts_s = clock() - t_counts
-        out["budget"] = {
-            "repeats_planned": repeats,
-            "repeats_taken": taken,
-            "cut_by_budget": taken < repeats,
-            "min_part_s": round(min_part_s + counts_s, 3),
-            "counts_s": round(counts_s, 3),
-            "case_s": round(clock() - t_start, 3),
-        }
+        out["budget"] = budget_entry(repeats, taken, min_part_s, clock() - t_counts, t_start, clock())
     ours = out["paths"]["fastaccum"]["ms"]
     out["speedup_vs_torch_default"] = out["paths"]["torch_default"]["ms"] / ours
     out["speedup_vs_torch_fused"] = out["paths"]["torch_fused"]["ms"] / ours
@@ -188,33 +218,47 @@ def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, war
     return out
 
 
-def count_syncs_and_launches(sizes: list[int], dtype, device: str) -> dict:
+def count_syncs_and_launches(sizes: list[int], dtype, device: str, paths=PATHS, make_step=None) -> dict:
     """Host syncs (torch.cuda sync debug mode, 'warn') and kernel launches
-    (profiler) of one scaler.step(opt); scaler.update() per path. CUDA only."""
+    (profiler) of one step per path. CUDA only.
+
+    make_step(path) -> (step, before): a fresh path's step (by default
+    scaler.step(opt); scaler.update()) and what runs uncounted before each
+    step (None: nothing)."""
     import warnings
 
     from torch.profiler import ProfilerActivity, profile
 
+    if make_step is None:
+        def make_step(path):
+            opt, scaler = _make(path, sizes, dtype, device, seed=11)
+
+            def step():
+                scaler.step(opt)
+                scaler.update()
+            return step, None
+
     out = {}
-    for path in PATHS:
-        opt, scaler = _make(path, sizes, dtype, device, seed=11)
+    for path in paths:
+        step, before = make_step(path)
+        before = before or (lambda: None)
         for _ in range(2):  # warm-up: lazy state, caches
-            scaler.step(opt)
-            scaler.update()
+            before()
+            step()
+        before()
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                scaler.step(opt)
-                scaler.update()
+                step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs = sum("synchroniz" in str(w.message) for w in caught)
+        before()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            scaler.step(opt)
-            scaler.update()
+            step()
             torch.cuda.synchronize()
         launches = sum(
             1 for e in prof.events()
@@ -222,7 +266,7 @@ def count_syncs_and_launches(sizes: list[int], dtype, device: str) -> dict:
             and "memset" not in e.name.lower()
         )
         out[path] = {"host_syncs": syncs, "kernel_launches": launches}
-        del opt, scaler
+        del step, before
     return out
 
 

@@ -52,6 +52,25 @@ inline void check_uniform(at::TensorList list, const char* name) {
   }
 }
 
+// norm_check_'s norm type (2 or inf: returns whether it is inf) and its
+// output: one element, float32, or float64 for float64 grads.
+inline bool check_norm_args(at::TensorList grads, const at::Tensor& norm_out,
+                            double norm_type) {
+  const bool inf_norm = norm_type > 0 && norm_type * 0.5 == norm_type;
+  TORCH_CHECK(inf_norm || norm_type == 2.0,
+              "norm_type must be 2.0 or inf, got ", norm_type);
+  TORCH_CHECK(norm_out.numel() == 1, "norm_out must have one element, got ",
+              norm_out.numel());
+  const bool f64 = !grads.empty() && grads[0].scalar_type() == at::kDouble;
+  const auto want = f64 ? at::kDouble : at::kFloat;
+  TORCH_CHECK(norm_out.scalar_type() == want ||
+                  (grads.empty() && norm_out.scalar_type() == at::kDouble),
+              "norm_out must be ", want, " for ",
+              grads.empty() ? at::kFloat : grads[0].scalar_type(),
+              " grads, got ", norm_out.scalar_type());
+  return inf_norm;
+}
+
 inline void check_scalar_f32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.numel() == 1, name, " must have one element, got ", t.numel());
   TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ",

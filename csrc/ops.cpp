@@ -45,18 +45,33 @@ TORCH_LIBRARY(fastaccum, m) {
   m.def(
       "unscale_check_(Tensor(a!)[] grads, Tensor(b!) found_inf, "
       "Tensor grad_scale, *, float factor=1.0, Tensor(c!)? sumsq=None) -> ()");
+  // NOTE: [norm check]
+  // Read-only pass for a fused clip_grad_norm_: x = g * mul, where mul is
+  // inv_scale(grad_scale) * factor (factor alone without grad_scale), x
+  // rounded to the grads' dtype (what .grad holds after an unscale);
+  // found_inf <- 1 if some x is inf/NaN; norm_out (float32, float64 for
+  // float64 grads) <- sum(x^2) for norm_type 2, max|x| for inf (NaN if an x
+  // is NaN), over the whole list; 0 for an empty list. Deterministic: the
+  // same bits on every run (per-chunk partials combined in a fixed order, no
+  // float atomics).
+  m.def(
+      "norm_check_(Tensor[] grads, Tensor(a!) found_inf, Tensor(b!) norm_out, "
+      "*, float norm_type=2.0, Tensor? grad_scale=None, float factor=1.0) -> ()");
   // The fused SGD update (see sgd_math.h). Returns without touching params,
   // buffers or steps when found_inf is set. momentum_buffers and steps are
   // empty when momentum == 0. lr_tensor, when given, overrides lr. With
   // write_grads, every grad is left as g * grad_mul (the unscaled grad the
   // update used; also on a skipped step, as torch's GradScaler leaves it).
+  // clip_coef (float32, one element, on the params' device or the CPU)
+  // multiplies the unscaled grad once more, as a separate rounding: the
+  // clipped grad of a fused clip_grad_norm_, also what write_grads leaves.
   m.def(
       "fused_sgd_(Tensor(a!)[] params, Tensor(d!)[] grads, "
       "Tensor(b!)[] momentum_buffers, Tensor(c!)[] steps, *, float lr, "
       "Tensor? lr_tensor=None, float weight_decay, float momentum, "
       "float dampening, bool nesterov, bool maximize, float grad_factor=1.0, "
       "Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "bool write_grads=False) -> ()");
+      "bool write_grads=False, Tensor? clip_coef=None) -> ()");
   // Which CPU kernel build runs here ("default" or "avx2"), for benchmarks
   // and tests; FASTACCUM_CPU_CAPABILITY overrides the choice.
   m.def("_cpu_capability() -> str",

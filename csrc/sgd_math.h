@@ -67,14 +67,20 @@ struct SgdHyper {
   bool maximize;
   bool has_momentum;
   bool scale_grad;  // grad_mul != 1: skip the multiply otherwise (exact parity)
+  // The clip coefficient of a fused clip_grad_norm_, applied after grad_mul
+  // as its own rounding, as torch clips the already unscaled grads.
+  opmath_t clip = opmath_t(1);
+  bool clip_grad = false;
 };
 
-// The gradient SGD sees: the stored (accumulated, scaled) one times grad_mul.
+// The gradient SGD sees: the stored (accumulated, scaled) one times grad_mul,
+// then times the clip coefficient when clipping.
 // It is also what the reference loop leaves in .grad after its step (the
 // unscaled mean), so the kernels write it back when asked to.
 template <typename V, typename opmath_t>
 FASTACCUM_HD V unscaled_grad(V g, const SgdHyper<opmath_t>& h) {
-  return h.scale_grad ? g * V(h.grad_mul) : g;
+  if (h.scale_grad) g = g * V(h.grad_mul);
+  return h.clip_grad ? g * V(h.clip) : g;
 }
 
 // One SGD update of a register tile, from g = unscaled_grad(stored grad).

@@ -13,6 +13,10 @@ samples); rank r takes rows [4r, 4r + 4). The loss is the mean over the local
 rows, so the DDP average of the two ranks' gradients is the gradient of the
 mean loss over the whole micro-batch.
 
+Clipping: a scenario with `clip` calls scaler.clip_grad_norm_(opt, clip,
+clip_norm_type) (opt.clip_grad_norm_ without a scaler) at every boundary,
+after the boundary's backward, and records the norms it returns.
+
 Faults, keyed by global micro-batch index -> (rank, kind):
 * ("grad_inf", r): after backward, rank r writes +inf into element 0 of the
   first parameter's .grad. Used only on non-boundary micro-batches, so the
@@ -79,6 +83,20 @@ SCENARIOS = {
         opt=dict(lr=0.02, momentum=0.8, nesterov=True, maximize=True, weight_decay=1e-3),
         faults={},
     ),
+    # Fused clipping at every boundary, after the boundary's all-reduce:
+    # scaler.clip_grad_norm_ (L2) with an inf on rank 0 in window 1, and
+    # opt.clip_grad_norm_ (inf norm) without a scaler. `clip` is about the
+    # median of the reference's window norms, so some windows clip.
+    "accum_clip_scaler": dict(
+        K=4, windows=8, accumulate=True, scaler=True, ddp=dict(find_unused_parameters=True),
+        opt=dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2),
+        faults={1 * 4 + 1: ("grad_inf", 0)}, clip=0.67, clip_norm_type=2.0,
+    ),
+    "accum_clip_plain": dict(
+        K=3, windows=6, accumulate=True, scaler=False, ddp={},
+        opt=dict(lr=0.05, momentum=0.9, weight_decay=1e-2),
+        faults={}, clip=0.2, clip_norm_type=float("inf"),
+    ),
 }
 SCALER_KW = dict(init_scale=2.0**10, growth_interval=2)
 
@@ -119,6 +137,7 @@ def run_scenario(name, cfg, rank, device):
     scaler = GradScaler(device, **SCALER_KW) if cfg["scaler"] else None
     sync_flags = []  # require_backward_grad_sync seen inside the context, per micro-batch
     scales, skipped = [], []
+    norms = []  # per window, with clip: what clip_grad_norm_ returned
     for i, (x, y) in enumerate(make_data(n, device)):
         current["micro"] = i
         boundary = (i + 1) % K == 0
@@ -141,6 +160,11 @@ def run_scenario(name, cfg, rank, device):
             assert not boundary, "grad faults only before the boundary's all-reduce"
             with torch.no_grad():
                 next(model.parameters()).grad.view(-1)[0] = float("inf")
+        if boundary and cfg.get("clip") is not None:
+            # The grads are all-reduced already: the local norm is the global one.
+            clip_args = (cfg["clip"], cfg["clip_norm_type"])
+            norm = scaler.clip_grad_norm_(opt, *clip_args) if scaler else opt.clip_grad_norm_(*clip_args)
+            norms.append(norm.detach().cpu().clone())
         if scaler:
             before = scaler.get_scale()
             scaler.step(opt)
@@ -178,6 +202,7 @@ def run_scenario(name, cfg, rank, device):
         sync_flags=sync_flags,
         scales=scales,
         skipped=skipped,
+        norms=norms,
         sync_restored_after_exception=restored,
         numel=sum(p.numel() for p in model.parameters()),
     )

@@ -201,6 +201,8 @@ def run_ours(
     sign: float = 1.0,
     inject: dict | None = None,
     clip: float | None = None,
+    fused_clip: bool = False,
+    clip_norm_type: float = 2.0,
     scheduler_fn: Callable | None = None,
     before_micro: Callable | None = None,
     trace: Trace | None = None,
@@ -212,7 +214,9 @@ def run_ours(
 
     ``start`` is the global index of batches[0] (for resumed runs). ``autocast``:
     the forward's autocast dtype; ``penalty(model)`` is added to every loss.
-    Clipping without a scaler uses ``opt.clip_grad_norm_``."""
+    Clipping: with a scaler ``scaler.unscale_`` and torch's clip_grad_norm_,
+    or with ``fused_clip`` ``scaler.clip_grad_norm_``; without one
+    ``opt.clip_grad_norm_`` (fused too)."""
     if opt is None:
         opt = AccumOptimizer(model.parameters(), accumulation_steps=K, **(opt_kwargs or {}))
     sched = scheduler_fn(opt) if scheduler_fn else None
@@ -234,10 +238,12 @@ def run_ours(
         _inject(model, i, inject, "grad")
         if scaler is not None:
             before = scaler.get_scale()
-            if clip is not None and opt.is_accumulation_boundary:
+            if clip is not None and opt.is_accumulation_boundary and fused_clip:
+                trace.norms.append(scaler.clip_grad_norm_(opt, clip, clip_norm_type))
+            elif clip is not None and opt.is_accumulation_boundary:
                 scaler.unscale_(opt)
                 trace.unscaled_grads.append([p.grad.detach().clone() for p in model.parameters()])
-                trace.norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+                trace.norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip, clip_norm_type))
             scaler.step(opt)
             scaler.update()
             trace.micro_scales.append(scaler.get_scale())
@@ -249,7 +255,7 @@ def run_ours(
                 assert scaler.get_scale() == before, f"scale changed inside a window at micro-batch {i}"
         else:
             if clip is not None and opt.is_accumulation_boundary:
-                trace.norms.append(opt.clip_grad_norm_(clip))
+                trace.norms.append(opt.clip_grad_norm_(clip, clip_norm_type))
             opt.step()
         if boundary:
             trace.grads_after.append(_grads(model))
@@ -270,6 +276,7 @@ def run_ref(
     sign: float = 1.0,
     inject: dict | None = None,
     clip: float | None = None,
+    clip_norm_type: float = 2.0,
     scheduler_fn: Callable | None = None,
     trace: Trace | None = None,
     start: int = 0,
@@ -301,13 +308,13 @@ def run_ref(
                 if clip is not None:
                     scaler.unscale_(opt)
                     trace.unscaled_grads.append([p.grad.detach().clone() for p in model.parameters()])
-                    trace.norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+                    trace.norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip, clip_norm_type))
                 scaler.step(opt)
                 scaler.update()
                 _record_scale(trace, scaler, before)
             else:
                 if clip is not None:
-                    trace.norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+                    trace.norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip, clip_norm_type))
                 opt.step()
             trace.grads_after.append(_grads(model))
             opt.zero_grad()

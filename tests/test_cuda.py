@@ -190,6 +190,124 @@ def test_check_ops_empty_list_and_errors():
                 check([g[0], torch.randn(3)], torch.zeros((), device="cuda"))
 
 
+# norm_check_ (NOTE: [norm check]): where the loss scale lives, and the factor.
+NORM_MODES = {
+    "scale_device_factor": ("device", 3000.0, 0.25),
+    "scale_cpu_factor": ("cpu", 3000.0, 0.25),
+    "factor": (None, None, 1.0 / 3.0),
+    "plain": (None, None, 1.0),
+}
+NORM_TYPES = [2.0, math.inf]
+
+
+def _norm_sum_rtol(dtype):
+    """Sums of squares in another order (NOTE: [deterministic norm]): the CPU
+    adds a chunk in float lanes, then the partials in double; the GPU adds
+    128 elements per thread, a block tree, then double. fp16/bf16 squares have
+    few significant bits, so the CPU's long float lane sums round with a bias:
+    measured 2e-6 from the exact sum on this list (fp32: 6e-8)."""
+    return {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-5)
+
+
+def _norm_reference(grads, dtype, scale, factor):
+    """sum x^2 (in double) and max |x| of x = g * mul rounded to the grads'
+    dtype, mul = factor * float(1/scale) formed in double, then in opmath."""
+    mul = factor if scale is None else float(torch.tensor(1.0 / scale, dtype=torch.float32)) * factor
+    op = torch.float64 if dtype is torch.float64 else torch.float32
+    xs = [g if mul == 1.0 else (g.to(op) * torch.tensor(mul, dtype=torch.float64).to(op)).to(dtype) for g in grads]
+    sq = sum(float(x.double().square().sum()) for x in xs)
+    mx = max((float(x.double().abs().max()) for x in xs if x.numel()), default=0.0)
+    return sq, mx
+
+
+def _norm_check(grads, device, dtype, norm_type, mode):
+    """One norm_check_ on copies of grads on `device`: (found_inf, norm)."""
+    where, scale, factor = NORM_MODES[mode]
+    gs = _to(grads, device)
+    before = _clone(gs)
+    found_inf = torch.zeros((), device=device)
+    out = torch.full((), -7.0, dtype=torch.float64 if dtype is torch.float64 else torch.float32, device=device)
+    grad_scale = None if where is None else torch.tensor(scale, device=device if where == "device" else "cpu")
+    ops.norm_check_(gs, found_inf, out, norm_type=norm_type, grad_scale=grad_scale, factor=factor)
+    _sync()
+    for a, b in zip(gs, before):  # read-only pass
+        assert _same(a, b)
+    return found_inf.item(), out.item()
+
+
+@pytest.mark.parametrize("mode", list(NORM_MODES))
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=["l2", "inf"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_norm_check_matches_cpu(dtype, norm_type, mode):
+    grads = _randn_list(_many_sizes(6), dtype, seed=5, scale=1024.0)
+    runs = [_norm_check(grads, device, dtype, norm_type, mode) for device in ("cpu", DEV)]  # [cpu, device]
+    (inf_cpu, n_cpu), (inf_dev, n_dev) = runs
+    assert inf_cpu == inf_dev == 0.0
+    sq, mx = _norm_reference(grads, dtype, *NORM_MODES[mode][1:])
+    if norm_type == math.inf:
+        # The same rounded x on both, and max is exact.
+        assert n_cpu == n_dev == mx
+    else:
+        rtol = _norm_sum_rtol(dtype)
+        assert math.isclose(n_dev, n_cpu, rel_tol=rtol)
+        for n in (n_cpu, n_dev):
+            assert math.isclose(n, sq, rel_tol=rtol)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=["l2", "inf"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_norm_check_flags_nonfinite(dtype, norm_type, value):
+    sizes = _many_sizes(6)
+    for where in ((20, CHUNK * 2 + 2), (125, 0)):  # the tail chunk of a cut tensor; a later launch
+        grads = _randn_list(sizes, dtype, seed=6)
+        _inject(grads, where, value)
+        for mode in ("scale_device_factor", "plain"):
+            runs = [_norm_check(grads, device, dtype, norm_type, mode) for device in ("cpu", DEV)]
+            assert [r[0] for r in runs] == [1.0, 1.0], f"{where} {mode}"
+            for _, n in runs:
+                if math.isnan(value):
+                    assert math.isnan(n), f"{where} {mode}: {n}"
+                else:
+                    assert n == math.inf, f"{where} {mode}: {n}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_norm_check_run_to_run_deterministic(dtype):
+    """NOTE: [deterministic norm]: no float atomics, so the same call gives the
+    same bits every time (several launches, cut tensors, a device scale)."""
+    grads = _to(_randn_list(_many_sizes(7, n=300), dtype, seed=7, scale=1024.0), DEV)
+    out_dtype = torch.float64 if dtype is torch.float64 else torch.float32
+    for norm_type in NORM_TYPES:
+        outs = []
+        for _ in range(3):
+            out = torch.empty((), dtype=out_dtype, device=DEV)
+            ops.norm_check_(grads, torch.zeros((), device=DEV), out, norm_type=norm_type,
+                            grad_scale=torch.tensor(3000.0, device=DEV), factor=0.25)
+            outs.append(out)
+        _sync()
+        assert all(torch.equal(outs[0], o) for o in outs[1:]), [o.item() for o in outs]
+        assert outs[0].item() > 0
+
+
+def test_norm_check_empty_list_and_errors():
+    for norm_type in NORM_TYPES:
+        found_inf = torch.zeros((), device=DEV)
+        out = torch.full((), -7.0, device=DEV)
+        ops.norm_check_([], found_inf, out, norm_type=norm_type, grad_scale=torch.ones((), device=DEV), factor=0.5)
+        assert out.item() == 0.0 and found_inf.item() == 0.0
+    if REAL_CUDA:
+        g = [torch.randn(10, device="cuda")]
+        with pytest.raises(RuntimeError, match="norm_out is on cpu"):
+            ops.norm_check_(g, torch.zeros((), device="cuda"), torch.zeros(()))
+        with pytest.raises(RuntimeError, match="found_inf is on cpu"):
+            ops.norm_check_(g, torch.zeros(()), torch.zeros((), device="cuda"))
+        with pytest.raises(RuntimeError, match="norm_out must be"):
+            ops.norm_check_(g, torch.zeros((), device="cuda"), torch.zeros((), dtype=torch.float64, device="cuda"))
+        with pytest.raises(RuntimeError, match="norm_type must be 2.0 or inf"):
+            ops.norm_check_(g, torch.zeros((), device="cuda"), torch.zeros((), device="cuda"), norm_type=1.0)
+
+
 SGD_CONFIGS = [
     dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False),
     dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.1, maximize=True),
@@ -214,7 +332,10 @@ def _sgd_inputs(sizes, dtype, momentum, seed):
     return params, grads, bufs, steps
 
 
-def _run_sgd(device, params, grads, bufs, steps, cfg, scalars, dtype_lr=torch.float32, write_grads=False):
+def _run_sgd(device, params, grads, bufs, steps, cfg, scalars, dtype_lr=torch.float32, write_grads=False,
+             clip_coef=None, found_inf=0.0):
+    """clip_coef: None or (value, "device" | "cpu"); found_inf: the flag's
+    value where scalars are given."""
     p, g, b, s = (_to(x, device) for x in (params, grads, bufs, steps))
     p, g, b, s = _clone(p), _clone(g), _clone(b), _clone(s)
     kw = dict(cfg, lr=0.1, lr_tensor=None, grad_factor=1.0, grad_scale=None, found_inf=None,
@@ -227,8 +348,11 @@ def _run_sgd(device, params, grads, bufs, steps, cfg, scalars, dtype_lr=torch.fl
             lr_tensor=torch.tensor(0.05, dtype=lr_dtype, device=where),
             grad_factor=0.25,
             grad_scale=torch.tensor(48.0, device=where),
-            found_inf=torch.zeros((), device=where),
+            found_inf=torch.full((), found_inf, device=where),
         )
+    if clip_coef is not None:
+        value, on = clip_coef
+        kw["clip_coef"] = torch.tensor(value, device=device if on == "device" else "cpu")
     ops.fused_sgd_(p, g, b, s, **kw)
     _sync()
     return _clone(p, "cpu"), _clone(b, "cpu"), _clone(s, "cpu"), _clone(g, "cpu")
@@ -263,6 +387,56 @@ def test_fused_sgd_matches_cpu(dtype, sizes, cfg, scalars, write_grads):
         assert [s.item() for s in dev[2]] == [s.item() + 1 for s in inputs[3]]
         for b in dev[1]:
             assert torch.isfinite(b).all(), "a first update read the never-written buffer"
+
+
+# (scalars, write_grads, found_inf) of a fused clip's update: grad_scale and
+# 1/K with the coefficient, the grads kept or written back; the coefficient
+# alone (only it decides the write-back); a skipped step that still leaves the
+# grads unscaled and clipped, as the reference loop leaves them.
+CLIP_MODES = {
+    "grads_kept": ("device", False, 0.0),
+    "write_grads": ("device", True, 0.0),
+    "clip_only_write_grads": ("none", True, 0.0),
+    "skipped_write_grads": ("device", True, 1.0),
+}
+
+
+@pytest.mark.parametrize("mode", list(CLIP_MODES))
+@pytest.mark.parametrize("coef", [0.37, 1.0])
+@pytest.mark.parametrize("coef_on", ["device", "cpu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_sgd_clip_coef_matches_cpu(dtype, coef_on, coef, mode):
+    cfg = SGD_CONFIGS[3]
+    scalars, write_grads, found_inf = CLIP_MODES[mode]
+    inputs = _sgd_inputs(_many_sizes(5), dtype, cfg["momentum"], seed=15)
+    kw = dict(write_grads=write_grads, found_inf=found_inf)
+    cpu = _run_sgd("cpu", *inputs, cfg, scalars, clip_coef=(coef, coef_on), **kw)
+    dev = _run_sgd(DEV, *inputs, cfg, scalars, clip_coef=(coef, coef_on), **kw)
+    if found_inf:
+        untouched = (inputs[0], inputs[2], inputs[3])  # params, bufs, steps: as _run_sgd returns them
+        for xs, ys, zs in zip(untouched, cpu[:3], dev[:3]):
+            for x, y, z in zip(xs, ys, zs):
+                assert _same(x, y) and _same(x, z)
+    else:
+        _assert_sgd_equal(cpu, dev, dtype)
+    for g0, g1 in zip(cpu[3], dev[3]):  # kept, or the same multiplies on both
+        assert torch.equal(g0, g1)
+    if coef == 1.0:
+        # Exactly 1 changes nothing: the same bits as no coefficient at all.
+        plain = _run_sgd(DEV, *inputs, cfg, scalars, **kw)
+        for xs, ys in zip(plain, dev):
+            for x, y in zip(xs, ys):
+                assert _same(x, y), "a coefficient of 1 changed a result"
+    elif not write_grads:
+        for g0, g1 in zip(inputs[1], dev[3]):
+            assert torch.equal(g0, g1), "grads must be untouched"
+    elif dtype in (torch.float32, torch.float64):
+        # The unscaled grad, then the clip, each rounded (opmath is the
+        # storage type here, so storage and opmath roundings coincide).
+        mul = 1.0 if scalars == "none" else 0.25 * float(torch.tensor(1.0 / 48.0).float())
+        for g0, g1 in zip(inputs[1], dev[3]):
+            want = g0 if mul == 1.0 else g0 * torch.tensor(mul, dtype=torch.float64).to(dtype)
+            assert torch.equal(g1, want * torch.tensor(coef, dtype=torch.float32).to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -374,7 +548,7 @@ def test_fused_sgd_lr_tensor_other_dtype():
 
 @needs_real_cuda
 @pytest.mark.parametrize(
-    "op", ["nonfinite_check_", "unscale_check_", "fused_sgd_"]
+    "op", ["nonfinite_check_", "unscale_check_", "norm_check_", "norm_check_inf", "fused_sgd_", "fused_sgd_clip"]
 )
 def test_opcheck_cuda(op):
     grads = _randn_list([0, 7, 65537], torch.float32, seed=70, device="cuda")
@@ -383,6 +557,10 @@ def test_opcheck_cuda(op):
         args, kwargs = (grads, found_inf, torch.zeros((), device="cuda")), {}
     elif op == "unscale_check_":
         args, kwargs = (grads, found_inf, torch.tensor(2.0, device="cuda")), dict(factor=0.5)
+    elif op.startswith("norm_check_"):
+        args = (grads, found_inf, torch.zeros((), device="cuda"))
+        kwargs = dict(norm_type=math.inf if op == "norm_check_inf" else 2.0,
+                      grad_scale=torch.tensor(2.0, device="cuda"), factor=0.5)
     else:
         params = _randn_list([0, 7, 65537], torch.float32, seed=71, device="cuda")
         bufs = [torch.zeros_like(p) for p in params]
@@ -391,7 +569,10 @@ def test_opcheck_cuda(op):
         kwargs = dict(lr=0.1, lr_tensor=torch.tensor(0.1, device="cuda"), weight_decay=0.0, momentum=0.9,
                       dampening=0.0, nesterov=False, maximize=False, grad_factor=1.0,
                       grad_scale=torch.tensor(2.0, device="cuda"), found_inf=found_inf)
-    torch.library.opcheck(getattr(ops, op).default, args, kwargs)
+        if op == "fused_sgd_clip":
+            kwargs.update(write_grads=True, clip_coef=torch.tensor(0.37, device="cuda"))
+    name = {"norm_check_inf": "norm_check_", "fused_sgd_clip": "fused_sgd_"}.get(op, op)
+    torch.library.opcheck(getattr(ops, name).default, args, kwargs)
 
 
 # ---------------------------------------------------------------------------
@@ -518,6 +699,69 @@ def test_cuda_graph_capture_and_replay():
 
 
 @needs_real_cuda
+def test_cuda_graph_capture_fused_clip_step():
+    """The op sequence of a fused clip step (norm_check_, the coefficient
+    with torch ops, fused_sgd_ with clip_coef on the device) captured once
+    and replayed: the replays match eager calls bitwise, clipping, not
+    clipping (coefficient exactly 1) and skipping as the data says."""
+    cfg = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=1e-2, maximize=False)
+    sizes = [1000, CHUNK + 1, 7, 0]
+    max_norm = 50.0  # unscaled grads ~ 0.5 * randn: a norm near 130
+
+    def make_state():
+        params = _randn_list(sizes, torch.float32, seed=95, device="cuda")
+        return dict(
+            params=params,
+            bufs=[torch.zeros_like(p) for p in params],
+            steps=[torch.zeros((), device="cuda") for _ in params],
+            found_inf=torch.zeros((), device="cuda"),
+            sumsq=torch.zeros((), device="cuda"),
+        )
+
+    grads = _randn_list(sizes, torch.float32, seed=96, device="cuda")
+    scale = torch.tensor(1024.0, device="cuda")
+
+    def step(st):
+        st["found_inf"].zero_()
+        ops.norm_check_(grads, st["found_inf"], st["sumsq"], norm_type=2.0, grad_scale=scale, factor=0.5)
+        norm = st["sumsq"].sqrt()
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        ops.fused_sgd_(st["params"], grads, st["bufs"], st["steps"], lr=0.1, lr_tensor=None, grad_factor=0.5,
+                       grad_scale=scale, found_inf=st["found_inf"], clip_coef=coef, **cfg)
+        return norm, coef
+
+    warm = make_state()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step(warm)
+    torch.cuda.current_stream().wait_stream(s)
+
+    graphed, eager = make_state(), make_state()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_norm, g_coef = step(graphed)
+    gen = torch.Generator().manual_seed(97)
+    for it in range(5):
+        for gt in grads:
+            gt.copy_(torch.randn(gt.shape, generator=gen) * (10.0 if it == 1 else 1024.0))
+        if it == 2:
+            grads[1][-1] = float("inf")  # this replay must skip
+        graph.replay()
+        e_norm, e_coef = step(eager)
+        torch.cuda.synchronize()
+        for key in ("params", "bufs", "steps"):
+            for a, b in zip(graphed[key], eager[key]):
+                assert torch.equal(a, b), f"replay {it}: {key} differ"
+        assert _same(g_norm, e_norm) and _same(g_coef, e_coef), f"replay {it}: {g_norm} {e_norm} {g_coef} {e_coef}"
+        assert graphed["found_inf"].item() == eager["found_inf"].item() == (1.0 if it == 2 else 0.0)
+        if it == 1:
+            assert g_coef.item() == 1.0, "a norm under max_norm must not clip"
+        elif it != 2:
+            assert 0.0 < g_coef.item() < 1.0, f"replay {it} did not clip: norm {g_norm.item()}"
+    assert [x.item() for x in graphed["steps"]] == [4.0] * len(sizes)
+
+@needs_real_cuda
 @pytest.mark.parametrize("K", [1, 4])
 def test_no_host_sync_in_scaler_step(K):
     model = make_model("mlp", device="cuda")
@@ -534,6 +778,34 @@ def test_no_host_sync_in_scaler_step(K):
             scaler.update()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@needs_real_cuda
+@pytest.mark.parametrize("norm_type", [2.0, math.inf], ids=["l2", "inf"])
+@pytest.mark.parametrize("K", [1, 4])
+def test_no_host_sync_in_fused_clip_step(K, norm_type):
+    """scaler.clip_grad_norm_ + step + update: the norm, the coefficient and
+    the update stay on the device."""
+    model = make_model("mlp", device="cuda")
+    opt = AccumOptimizer(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2, accumulation_steps=K)
+    scaler = GradScaler("cuda")
+    batches = make_batches("mlp", 3 * K, device="cuda")
+    norms = []
+    for i, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        scaler.scale(F.mse_loss(model(x), y)).backward()
+        if i >= K:  # the first window creates optimizer state outside the check
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            if opt.is_accumulation_boundary:
+                norms.append(scaler.clip_grad_norm_(opt, 0.05, norm_type))
+            scaler.step(opt)
+            scaler.update()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert len(norms) == 3 and all(n.device.type == "cuda" for n in norms)
+    assert any(n.item() > 0.05 for n in norms), "no window clipped"
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -596,6 +868,42 @@ def test_optimizer_parity_cnn_with_clipping(K, monkeypatch):
         assert_params_close(ga, gb, msg="unscaled grads before clipping")
     assert_params_close(model_a.parameters(), model_b.parameters())
 
+
+# About the median of the reference's window norms: some windows clip, others not.
+FUSED_CLIP = {(1, 2.0): 1.0, (1, math.inf): 0.4, (4, 2.0): 0.5, (4, math.inf): 0.2}
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf], ids=["l2", "inf"])
+@pytest.mark.parametrize("K", [1, 4])
+def test_fused_clip_parity(K, norm_type):
+    """scaler.clip_grad_norm_ (fused) against unscale_ + torch's
+    clip_grad_norm_: the norm is summed in another order, so norms agree to
+    1e-6 relative and parameters to fp32 tolerance; skips and scales exactly."""
+    cfg = dict(lr=0.05, momentum=0.9, weight_decay=1e-2)
+    model_a = make_model("mlp", seed=9, device=DEV)
+    model_b = copy.deepcopy(model_a)
+    before = [p.detach().clone() for p in model_a.parameters()]
+    batches = make_batches("mlp", 60 * K, seed=10, device=DEV)
+    clip = FUSED_CLIP[(K, norm_type)]
+    sa = GradScaler(DEV, init_scale=2.0**12, growth_interval=7)
+    sb = torch.amp.GradScaler(DEV, init_scale=2.0**12, growth_interval=7)
+    kw = dict(opt_kwargs=cfg, inject={3 * K: "inf", 20 * K + K - 1: "nan"}, clip=clip, clip_norm_type=norm_type)
+    _, ta = run_ours(model_a, batches, K, scaler=sa, fused_clip=True, **kw)
+    _, tb = run_ref(model_b, batches, K, scaler=sb, **kw)
+    assert ta.skipped == tb.skipped and sum(tb.skipped) == 2
+    assert ta.scales == tb.scales
+    finite = [n.item() for n in tb.norms if torch.isfinite(n)]
+    assert any(n > clip for n in finite) and any(n < clip for n in finite), \
+        "clipping must be active on some windows only"
+    assert len(ta.norms) == len(tb.norms) == 60
+    for w, (a, b) in enumerate(zip(ta.norms, tb.norms)):
+        assert a.device == b.device and a.dtype == b.dtype
+        if torch.isfinite(b):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0, msg=lambda m: f"window {w} norm: {m}")
+        else:
+            assert not torch.isfinite(a), f"window {w}: the reference's norm is {b}, ours {a}"
+    assert_params_close(model_a.parameters(), model_b.parameters(), msg=f"K={K} norm_type={norm_type}")
+    assert_params_changed(before, model_a)
 
 @pytest.mark.parametrize("K", [1, 4])
 def test_autocast_fp16_real_overflow(K):

@@ -1,8 +1,9 @@
 """The emulator tests can fail: each deliberate break of the kernel code in
 tests/emulator/mutations.py (a tail bound off by one, the block reduction's
 barrier removed, the alignment test skipped, the step counters advanced
-before the update reads them) is built in a copy of csrc/ and must make the
-emulator test program that covers it fail.
+before the update reads them, a clipped grad not written back, the norm's
+partials misnumbered across launches or one left out) is built in a copy of
+csrc/ and must make the emulator test program that covers it fail.
 
 The mutants build two at a time while the tests wait for their own.
 """

@@ -14,7 +14,11 @@ step/update/zero_grad every K) on the full micro-batches:
   at the boundary micro-batch, none on the others -- and K rounds per window
   without it (proof that the counter can tell);
 * an inf injected on one rank, and a NaN loss on the other rank, skip the same
-  windows on both ranks with the scale history of torch's GradScaler.
+  windows on both ranks with the scale history of torch's GradScaler;
+* fused clipping (scaler.clip_grad_norm_ / opt.clip_grad_norm_) at the
+  boundary sees the all-reduced grads: the norm each rank returns is the
+  global one, the same on both ranks and equal to the reference's
+  (unscale_ + torch.nn.utils.clip_grad_norm_) to 1e-6 relative.
 """
 
 from __future__ import annotations
@@ -108,7 +112,8 @@ def _reference(name, device):
         inject[i] = {"grad_inf": "inf", "loss_nan": "loss_nan"}[kind]
     model = W.make_model(device)
     scaler = torch.amp.GradScaler(device, **W.SCALER_KW) if cfg["scaler"] else None
-    opt, trace = run_ref(model, W.make_data(n, device), K, opt_kwargs=cfg["opt"], scaler=scaler, inject=inject)
+    opt, trace = run_ref(model, W.make_data(n, device), K, opt_kwargs=cfg["opt"], scaler=scaler, inject=inject,
+                         clip=cfg.get("clip"), clip_norm_type=cfg.get("clip_norm_type", 2.0))
     momentum = [opt.state[p].get("momentum_buffer") for p in model.parameters()]
     return model, momentum, trace
 
@@ -162,6 +167,40 @@ def test_ddp_params_match_single_process_reference(ddp_results, name):
         assert any(expected)
         assert r0["skipped"] == r1["skipped"] == ref_trace.skipped == expected, "skip decisions differ"
         assert r0["scales"] == r1["scales"] == ref_trace.scales, "scale history differs"
+
+
+@pytest.mark.parametrize("name", [n for n in SCENARIO_NAMES if W.SCENARIOS[n].get("clip") is not None])
+def test_ddp_fused_clip_norm_is_global(ddp_results, name):
+    """At the boundary DDP has all-reduced the grads already, so the norm
+    computed locally on each rank is the norm of the global mean gradient:
+    the same bits on both ranks, and the single-process reference's norm."""
+    device, ranks = ddp_results
+    cfg = W.SCENARIOS[name]
+    clip = cfg["clip"]
+    n0, n1 = ranks[0][name]["norms"], ranks[1][name]["norms"]
+    assert len(n0) == len(n1) == cfg["windows"]
+    for w, (a, b) in enumerate(zip(n0, n1)):
+        assert _same_value(a, b), f"window {w}: rank 0 norm {a}, rank 1 norm {b}"
+    _, _, ref_trace = _reference(name, device)
+    ref = [n.detach().cpu() for n in ref_trace.norms]
+    assert len(ref) == cfg["windows"]
+    for w, (a, b) in enumerate(zip(n0, ref)):
+        assert a.dtype == b.dtype and a.shape == b.shape == ()
+        if torch.isfinite(b):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0, msg=lambda m: f"window {w} norm: {m}")
+        else:
+            assert not torch.isfinite(a), f"window {w}: the reference's norm is {b}, ours {a}"
+    finite = [n.item() for n in ref if torch.isfinite(n)]
+    assert any(n > clip for n in finite) and any(n < clip for n in finite), \
+        f"clipping must be active on some windows only: {finite} vs {clip}"
+    if cfg["scaler"]:
+        expected = _expected_skips(name)
+        assert any(expected)
+        assert [not torch.isfinite(n) for n in n0] == expected, "the skipped windows must have a non-finite norm"
+
+
+def _same_value(a, b):
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
 
 
 @pytest.mark.parametrize("name", [n for n in SCENARIO_NAMES if W.SCENARIOS[n]["accumulate"]])

@@ -1,7 +1,8 @@
 """GradScaler and AccumOptimizer meet at one small interface: the scaler uses
-``is_accumulation_boundary``, ``check_grads_``, ``unscale_grads_`` and
-``step`` of the optimizer, imports nothing private from it, and each method
-behaves as documented when called on its own."""
+``is_accumulation_boundary``, ``check_grads_``, ``unscale_grads_``,
+``clip_grads_``, ``clip_grad_norm_`` and ``step`` of the optimizer (and
+torch's ``param_groups`` for other optimizers), imports nothing private from
+it, and each method behaves as documented when called on its own."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from torch_fastaccum import AccumOptimizer
 from torch_fastaccum._sparse_step import grad_multiplier
 
 SCALER_SRC = pathlib.Path(torch_fastaccum.__file__).with_name("grad_scaler.py")
-INTERFACE = {"is_accumulation_boundary", "check_grads_", "unscale_grads_", "step", "__dict__"}
+INTERFACE = {"is_accumulation_boundary", "check_grads_", "unscale_grads_", "clip_grads_", "clip_grad_norm_", "step",
+             "__dict__", "param_groups"}
 
 
 def test_grad_scaler_uses_only_the_interface():

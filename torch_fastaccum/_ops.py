@@ -13,6 +13,7 @@ from torch import Tensor
 __all__ = [
     "nonfinite_check_",
     "unscale_check_",
+    "norm_check_",
     "fused_sgd_",
     "has_kernel_for",
 ]
@@ -58,6 +59,31 @@ def _(grads, found_inf, grad_scale, *, factor=1.0, sumsq=None):
     return None
 
 
+def norm_check_(
+    grads: list[Tensor],
+    found_inf: Tensor,
+    norm_out: Tensor,
+    *,
+    norm_type: float = 2.0,
+    grad_scale: Tensor | None = None,
+    factor: float = 1.0,
+) -> None:
+    """Read-only: with ``x = g * float(1/grad_scale) * factor`` rounded to the
+    grads' dtype, ``found_inf <- 1`` if any x is inf/NaN and ``norm_out <-``
+    sum(x**2) (norm_type 2) or max|x| (inf), deterministically. One (device,
+    dtype) per call; norm_out is float32 (float64 for float64 grads)."""
+    torch.ops.fastaccum.norm_check_.default(
+        grads, found_inf, norm_out, norm_type=norm_type, grad_scale=grad_scale, factor=factor)
+
+
+@torch.library.register_fake("fastaccum::norm_check_")
+def _(grads, found_inf, norm_out, *, norm_type=2.0, grad_scale=None, factor=1.0):
+    torch._check(found_inf.dtype == torch.float32, lambda: "found_inf must be float32")
+    torch._check(norm_out.numel() == 1, lambda: "norm_out must have one element")
+    torch._check(norm_type == 2.0 or norm_type == float("inf"), lambda: "norm_type must be 2.0 or inf")
+    return None
+
+
 def fused_sgd_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -75,10 +101,12 @@ def fused_sgd_(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     write_grads: bool = False,
+    clip_coef: Tensor | None = None,
 ) -> None:
     """The fused SGD step of one (device, dtype) group; see csrc/sgd_math.h.
     With ``write_grads`` each grad is left as the unscaled grad the update
-    used (also on a skipped step)."""
+    used (also on a skipped step). ``clip_coef`` multiplies the unscaled
+    grad once more (a fused clip_grad_norm_)."""
     torch.ops.fastaccum.fused_sgd_.default(
         params,
         grads,
@@ -95,13 +123,14 @@ def fused_sgd_(
         grad_scale=grad_scale,
         found_inf=found_inf,
         write_grads=write_grads,
+        clip_coef=clip_coef,
     )
 
 
 @torch.library.register_fake("fastaccum::fused_sgd_")
 def _(params, grads, momentum_buffers, steps, *, lr, lr_tensor=None, weight_decay, momentum,
       dampening, nesterov, maximize, grad_factor=1.0, grad_scale=None, found_inf=None,
-      write_grads=False):
+      write_grads=False, clip_coef=None):
     torch._check(len(grads) == len(params), lambda: "grads and params differ in length")
     for p, g in zip(params, grads):
         torch._check(p.shape == g.shape, lambda: "grad shape differs from its param")

@@ -25,18 +25,26 @@ def grad_multiplier(grad_factor: float, grad_scale: Tensor | None) -> float:
 
 
 def sparse_step(group: dict, pairs: list[tuple[Tensor, Tensor]], state, hyper: dict, grad_factor: float,
-                grad_scale: Tensor | None, found_inf: Tensor | None, write_grads: bool) -> None:
+                grad_scale: Tensor | None, found_inf: Tensor | None, write_grads: bool,
+                clip_coef: Tensor | None = None) -> None:
     mul = grad_multiplier(grad_factor, grad_scale)
-    if write_grads and mul != 1.0:
-        # As the dense kernels: .grad is left unscaled, skipped step or not.
+    # A host read, as found_inf's below: the sparse path is the host path.
+    clip = 1.0 if clip_coef is None else clip_coef.item()
+    if write_grads and (mul != 1.0 or clip != 1.0):
+        # As the dense kernels: .grad is left unscaled (and clipped), skipped
+        # step or not; two roundings, as the reference's unscale and clip.
         for _, g in pairs:
-            g._values().mul_(mul)
-        mul = 1.0
+            if mul != 1.0:
+                g._values().mul_(mul)
+            if clip != 1.0:
+                g._values().mul_(clip)
+        mul = clip = 1.0
     if found_inf is not None and found_inf.item() != 0:
         return
     momentum = hyper["momentum"] != 0
     params = [p for p, _ in pairs]
     grads = [g * mul if mul != 1.0 else g for _, g in pairs]
+    grads = [g * clip if clip != 1.0 else g for g in grads]
     bufs = [state[p].get(_momentum.MOMENTUM) if momentum else None for p in params]
     torch_sgd(params, grads, bufs, foreach=False, fused=False, lr=as_float(group["lr"]), has_sparse_grad=True, **hyper)
     if momentum:

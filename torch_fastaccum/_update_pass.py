@@ -13,10 +13,13 @@ from ._plan import Bucket, StepPlan
 from ._sparse_step import sparse_step
 
 
-def run_update(plan: StepPlan, state, grad_factor: float, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-    per_device: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
+def run_update(plan: StepPlan, state, grad_factor: float, grad_scale: Tensor | None, found_inf: Tensor | None,
+               clip_coef: Tensor | None = None) -> None:
+    """The update of every bucket; `clip_coef` (a fused clip_grad_norm_'s
+    coefficient) multiplies the unscaled grads once more."""
+    per_device: dict[torch.device, tuple[Tensor | None, Tensor | None, Tensor | None]] = {}
     # The stored grads differ from what SGD used only when a factor applies.
-    rescaled = grad_factor != 1.0 or grad_scale is not None
+    rescaled = grad_factor != 1.0 or grad_scale is not None or clip_coef is not None
     for gp in plan.groups:
         group = gp.group
         write_grads = rescaled and bool(group["grad_writeback"])
@@ -30,11 +33,10 @@ def run_update(plan: StepPlan, state, grad_factor: float, grad_scale: Tensor | N
         lr = group["lr"]
         for b in gp.buckets:
             if b.device not in per_device:
-                per_device[b.device] = (
-                    None if grad_scale is None else to_device(grad_scale, b.device),
-                    None if found_inf is None else to_device(found_inf, b.device),
+                per_device[b.device] = tuple(
+                    None if t is None else to_device(t, b.device) for t in (grad_scale, found_inf, clip_coef)
                 )
-            scale_d, inf_d = per_device[b.device]
+            scale_d, inf_d, clip_d = per_device[b.device]
             if isinstance(lr, Tensor) and lr.device == b.device:
                 lr_f, lr_t = 1.0, lr
             else:
@@ -43,12 +45,12 @@ def run_update(plan: StepPlan, state, grad_factor: float, grad_scale: Tensor | N
             _ops.fused_sgd_(
                 params, grads, bufs, counts,
                 lr=lr_f, lr_tensor=lr_t, grad_factor=grad_factor, grad_scale=scale_d, found_inf=inf_d,
-                write_grads=write_grads, **hyper,
+                write_grads=write_grads, clip_coef=clip_d, **hyper,
             )
             for t, stand_in in writeback:
                 t.copy_(stand_in)
         if gp.sparse:
-            sparse_step(group, gp.sparse, state, hyper, grad_factor, grad_scale, found_inf, write_grads)
+            sparse_step(group, gp.sparse, state, hyper, grad_factor, grad_scale, found_inf, write_grads, clip_coef)
 
 
 def kernel_lists(b: Bucket, state, momentum: bool, write_grads: bool):

@@ -14,12 +14,15 @@ class AccumulationWindow:
     """``k`` micro-batches per update; ``micro_step`` counts every ``step()``
     call since construction (or as loaded); ``averaged`` says the grads hold
     the unscaled mean of the current window already (``GradScaler.unscale_``
-    or ``average_grads_`` ran), so the boundary step must not apply 1/K."""
+    or ``average_grads_`` ran), so the boundary step must not apply 1/K;
+    ``clip_coef`` is the coefficient of a fused ``clip_grad_norm_`` of this
+    window (a float32 0-dim tensor), for the boundary step to apply."""
 
     def __init__(self, k: int = 1, micro_step: int = 0, averaged: bool = False) -> None:
         self.k = k
         self.micro_step = micro_step
         self.averaged = averaged
+        self.clip_coef = None
 
     def is_boundary(self) -> bool:
         """Whether the next ``step()`` updates."""
@@ -38,6 +41,14 @@ class AccumulationWindow:
         """The grads now hold the window's mean (grad_factor() was applied)."""
         self.averaged = True
 
+    def require_unclipped(self) -> None:
+        """A second fused clip of a window would clip twice."""
+        if self.clip_coef is not None:
+            raise RuntimeError(
+                "clip_grad_norm_() was already called in this accumulation window; clip once per "
+                "window, at its boundary, before step()"
+            )
+
     def count(self) -> None:
         """A micro-batch that does not update."""
         self.micro_step += 1
@@ -46,10 +57,12 @@ class AccumulationWindow:
         """The boundary step: the next micro-batch opens a new window."""
         self.micro_step += 1
         self.averaged = False
+        self.clip_coef = None
 
     def restart_at(self, micro_step: int, k: int) -> None:
         """A loaded checkpoint's position (its grads are not averaged)."""
         self.micro_step, self.k, self.averaged = micro_step, k, False
+        self.clip_coef = None
 
     def require_boundary(self, what: str, usage: str = "...") -> None:
         """Unscaling or clipping a partial sum would act on the wrong gradient
@@ -63,12 +76,14 @@ class AccumulationWindow:
             )
 
     def copy(self) -> "AccumulationWindow":
-        return AccumulationWindow(self.k, self.micro_step, self.averaged)
+        w = AccumulationWindow(self.k, self.micro_step, self.averaged)
+        w.clip_coef = self.clip_coef
+        return w
 
     def __setstate__(self, state: dict) -> None:
         # Windows pickled before K moved here have no `k`; the optimizer's
         # __setstate__ sets it from its defaults.
-        self.__dict__.update({"k": 1, **state})
+        self.__dict__.update({"k": 1, "clip_coef": None, **state})
 
     def __repr__(self) -> str:
         return f"AccumulationWindow(k={self.k}, micro_step={self.micro_step}, averaged={self.averaged})"

@@ -29,6 +29,9 @@ __all__ = ["GradScaler"]
 # only counted the micro-batch (no check, so nothing for update() to read).
 # Beside torch's OptState stages (READY, UNSCALED, STEPPED).
 _COUNTED = "fastaccum_counted"
+# Set in a per-optimizer state by clip_grad_norm_: its norm pass checked the
+# grads already, so step() must not check them again.
+_CHECKED = "fastaccum_checked"
 
 
 class GradScaler(torch.amp.GradScaler):
@@ -55,6 +58,18 @@ class GradScaler(torch.amp.GradScaler):
           if opt.is_accumulation_boundary:
               scaler.unscale_(opt)
               torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+          scaler.step(opt)
+          scaler.update()
+
+    * ``clip_grad_norm_(opt, max_norm)`` at a boundary replaces
+      ``unscale_(opt); torch.nn.utils.clip_grad_norm_(params, max_norm)``:
+      one read pass computes the norm with the inf/NaN check, and the
+      update applies the clip coefficient with 1/scale and 1/K (no pass over
+      the grads of its own, no host sync)::
+
+          scaler.scale(loss).backward()
+          if opt.is_accumulation_boundary:
+              scaler.clip_grad_norm_(opt, max_norm)
           scaler.step(opt)
           scaler.update()
 
@@ -94,8 +109,52 @@ class GradScaler(torch.amp.GradScaler):
         if not isinstance(optimizer, AccumOptimizer):
             return super()._check_inf_per_device(optimizer)
         state = self._per_optimizer_states[id(optimizer)]
-        state["found_inf_per_device"] = optimizer.check_grads_(self._new_found_inf())
+        if not state.get(_CHECKED):
+            state["found_inf_per_device"] = optimizer.check_grads_(self._new_found_inf())
         return state["found_inf_per_device"]
+
+    def clip_grad_norm_(
+        self,
+        optimizer: torch.optim.Optimizer,
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+    ) -> torch.Tensor:
+        """``unscale_(optimizer)`` then ``torch.nn.utils.clip_grad_norm_`` over
+        every parameter of the optimizer, in one call; returns the total norm
+        of the unscaled gradient (``inf``/``nan`` when it overflowed: the
+        step is then skipped).
+
+        With an AccumOptimizer, fused and at a boundary only: one read pass
+        computes the norm of the unscaled *mean* gradient (1/scale and 1/K)
+        together with the inf/NaN check that ``step`` then uses, and the
+        update applies the clip coefficient with 1/scale and 1/K: clipping
+        costs no extra pass over gradient memory and no host sync
+        (``error_if_nonfinite=True`` syncs to raise as torch does). norm_type
+        2.0 or inf. ``.grad`` holds the clipped unscaled mean after the step
+        (the default ``grad_writeback``), as the reference loop leaves it.
+        Raises inside a window, after ``step``, on a second call in one
+        window and for bad arguments, before anything changes. Disabled:
+        ``optimizer.clip_grad_norm_`` (1/K only). With other optimizers:
+        torch's ``unscale_`` and ``clip_grad_norm_``."""
+        if not isinstance(optimizer, AccumOptimizer):
+            self.unscale_(optimizer)
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
+        if not self._enabled:
+            return optimizer.clip_grad_norm_(max_norm, norm_type, error_if_nonfinite)
+        self._check_scale_growth_tracker("clip_grad_norm_")
+        state = self._per_optimizer_states[id(optimizer)]
+        if state["stage"] is OptState.STEPPED or state["stage"] == _COUNTED:
+            raise RuntimeError("clip_grad_norm_() is being called after step().")
+        if state["stage"] is OptState.UNSCALED:
+            # unscale_ ran: the grads hold the unscaled mean and its check.
+            return optimizer.clip_grad_norm_(max_norm, norm_type, error_if_nonfinite)
+        norm, state["found_inf_per_device"] = optimizer.clip_grads_(
+            max_norm, norm_type, error_if_nonfinite, grad_scale=self._scale, found_inf=self._new_found_inf()
+        )
+        state[_CHECKED] = True
+        return norm
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         """Unscale the optimizer's gradients in place, e.g. to clip them.

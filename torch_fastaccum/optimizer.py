@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _checkpoint, _momentum
+from . import _checkpoint, _clip, _momentum
 from ._check_pass import run_check
 from ._hyper import validate_group, validate_options, validate_sgd
 from ._plan import Planner
@@ -55,7 +55,8 @@ class AccumOptimizer(Optimizer):
       reference ``(loss / K).backward()`` loop, also when a GradScaler skipped
       the step. Inside a window it holds the running sum (scaled, with AMP).
     * With K > 1 use ``torch_fastaccum.GradScaler``, not torch's. Clip only at
-      a boundary: ``scaler.unscale_(opt)``, or ``clip_grad_norm_`` here.
+      a boundary, fused: ``scaler.clip_grad_norm_(opt, max_norm)`` with a
+      scaler, ``opt.clip_grad_norm_(max_norm)`` without one.
 
     Args:
         params: parameters, or dicts of param groups, as for SGD.
@@ -205,10 +206,11 @@ class AccumOptimizer(Optimizer):
         grad_factor = window.grad_factor()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        clip_coef = window.clip_coef
         # Raises every user error before any state changes.
         plan = self._planner.boundary_plan(self.param_groups, window.micro_step, keep=False)
         window.close()
-        run_update(plan, self.state, grad_factor, grad_scale, found_inf)
+        run_update(plan, self.state, grad_factor, grad_scale, found_inf, clip_coef)
         return loss
 
     # -- the mean gradient before the step (clipping) --------------------------
@@ -243,18 +245,63 @@ class AccumOptimizer(Optimizer):
         error_if_nonfinite: bool = False,
         foreach: bool | None = None,
     ) -> Tensor:
-        """At a boundary, without a loss scaler (or with a disabled one):
-        :meth:`average_grads_`, then :func:`torch.nn.utils.clip_grad_norm_`
-        over every parameter of this optimizer; returns the total norm of the
-        mean gradient. With an enabled GradScaler call ``scaler.unscale_(opt)``
-        first (the grads are scaled until then). Inside a window it raises."""
-        self._window.require_boundary("clip_grad_norm_()")
-        self.average_grads_()
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
+        """``torch.nn.utils.clip_grad_norm_`` over every parameter of this
+        optimizer, fused, at a boundary, for loops without a loss scaler (or
+        with a disabled one; with an enabled one call
+        ``scaler.clip_grad_norm_(opt, ...)``, or ``scaler.unscale_(opt)``
+        first).
 
-    # -- what torch_fastaccum.GradScaler calls: these two methods, and
+        Returns what torch's returns there: the total norm of the window's
+        mean gradient (1/K applied), a 0-dim tensor on the first grad's
+        device, ``inf``/``nan`` if a grad is not finite; no host sync. One
+        read pass computes it (norm_type 2.0 or inf); the coefficient
+        ``min(1, max_norm / (norm + 1e-6))`` is applied by the next
+        ``step()`` with 1/K, so ``.grad`` holds the unclipped sum until then
+        and the clipped mean after it (the default ``grad_writeback``), as
+        the reference loop leaves it. ``error_if_nonfinite=True`` raises as
+        torch does, after a host sync. Raises inside a window, on a second
+        call in one window, for ``max_norm`` <= 0 or not finite, and for
+        other norm types. ``foreach`` is accepted and ignored."""
+        return self.clip_grads_(max_norm, norm_type, error_if_nonfinite)[0]
+
+    # -- what torch_fastaccum.GradScaler calls: these methods, and
     # -- is_accumulation_boundary; nothing else ------------------------------
+
+    def clip_grads_(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+        *,
+        grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
+    ) -> tuple[Tensor, dict[torch.device, Tensor]]:
+        """For ``GradScaler.clip_grad_norm_`` (and :meth:`clip_grad_norm_`):
+        at a boundary, the norm of the window's unscaled mean gradient
+        (``grad_scale``, the loss scale, and 1/K unless the grads hold the
+        mean already) in one read-only pass per (device, dtype) that also
+        checks for inf/NaN as :meth:`check_grads_` does (``found_inf``: a
+        zeroed float32 0-dim tensor; a scratch one when None). The clip
+        coefficient is kept for the next ``step()``. Returns the norm and the
+        flag of every device. The plan it makes is reused by that step."""
+        window = self._window
+        window.require_boundary("clip_grad_norm_()", "scaler.clip_grad_norm_(opt, max_norm)")
+        window.require_unclipped()
+        norm_type = _clip.validate(max_norm, norm_type)
+        if found_inf is None:
+            device = next((p.grad.device for g in self.param_groups for p in g["params"] if p.grad is not None),
+                          torch.device("cpu"))
+            found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        plan = self._planner.boundary_plan(self.param_groups, window.micro_step, keep=True)
+        factor = window.grad_factor()
+        with torch.no_grad():
+            # fp16 grads with a loss scale: torch's unscale_ refuses them.
+            norm, per_device = _clip.total_norm(plan, norm_type, found_inf, grad_scale, factor,
+                                                allow_fp16=grad_scale is None)
+            if error_if_nonfinite:
+                _clip.check_finite(norm, norm_type)
+            window.clip_coef = _clip.coefficient(norm, float(max_norm))
+        return norm, per_device
 
     def check_grads_(self, found_inf: Tensor) -> dict[torch.device, Tensor]:
         """For ``GradScaler.step`` at a boundary: the read-only inf/NaN check

@@ -22,21 +22,30 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads,
                    bool nesterov, bool maximize, double grad_factor,
                    const c10::optional<at::Tensor>& grad_scale,
                    const c10::optional<at::Tensor>& found_inf,
-                   bool write_grads) {
+                   bool write_grads,
+                   const c10::optional<at::Tensor>& clip_coef) {
   const bool has_momentum = momentum != 0.0;
   check_sgd_lists(params, grads, momentum_buffers, steps, has_momentum);
   if (found_inf) check_scalar_f32(*found_inf, "found_inf");
   if (grad_scale) check_scalar_f32(*grad_scale, "grad_scale");
   if (lr_tensor)
     TORCH_CHECK(lr_tensor->numel() == 1, "lr_tensor must have one element");
+  if (clip_coef) {
+    check_scalar_f32(*clip_coef, "clip_coef");
+    TORCH_CHECK(clip_coef->device().is_cpu(), "clip_coef must be on the CPU");
+  }
   if (params.empty()) return;
 
   double grad_mul = grad_factor;
   if (grad_scale) {
     grad_mul *= inv_scale(grad_scale->item<float>());
   }
+  // A host read on the CPU. A coefficient of exactly 1 (the norm was under
+  // max_norm) changes nothing, so it costs nothing either.
+  const double clip = clip_coef ? clip_coef->item<float>() : 1.0;
+  const bool clip_grad = clip != 1.0;
   // Writing g * 1 back would only cost bandwidth.
-  const bool write_g = write_grads && grad_mul != 1.0;
+  const bool write_g = write_grads && (grad_mul != 1.0 || clip_grad);
   const int dtype = dtype_index(params[0].scalar_type());
   const int64_t elem = params[0].element_size();
   const size_t n = params.size();
@@ -46,26 +55,25 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads,
                         : const_cast<char*>(static_cast<const char*>(
                               grads[t].const_data_ptr()));
 
-  // Host read: free on the CPU, and the contract of a skipped step. The
-  // grads are still unscaled then (with write_grads), as torch's
-  // GradScaler.step leaves them when it skips.
-  if (found_inf && found_inf->item<float>() != 0.f) {
-    if (write_g) {
-      const auto unscale = kernels().check[dtype];
-      parallel_chunks(make_chunks(grads), [&](int64_t, const Chunk& c) {
-        unscale(gp[c.tensor] + c.begin * elem, c.end - c.begin, grad_mul,
-                /*write=*/true, /*want_sumsq=*/false);
-      });
-    }
-    return;
-  }
-
   double lr_value = lr;
   if (lr_tensor) lr_value = lr_tensor->item<double>();
   const SgdArgs args{lr_value,  weight_decay, momentum,
                      1.0 - dampening, grad_mul, nesterov,
                      maximize,  has_momentum, grad_mul != 1.0,
-                     write_g};
+                     write_g,   clip,         clip_grad};
+
+  // Host read: free on the CPU, and the contract of a skipped step. The
+  // grads are still unscaled (and clipped) then, with write_grads, as
+  // torch's GradScaler.step leaves them when it skips.
+  if (found_inf && found_inf->item<float>() != 0.f) {
+    if (write_g) {
+      const auto keep_grad = kernels().grad[dtype];
+      parallel_chunks(make_chunks(grads), [&](int64_t, const Chunk& c) {
+        keep_grad(gp[c.tensor] + c.begin * elem, c.end - c.begin, args);
+      });
+    }
+    return;
+  }
 
   // Raw pointer reads/writes of the step counters: an op per tensor would
   // cost microseconds each.

@@ -14,12 +14,21 @@ struct ChunkResult {
   double sumsq = 0.0;
 };
 
+// Result of one chunk of a norm pass: the inf/NaN flag, and the sum of x^2
+// (norm_type 2) or the largest |x| (inf, NaN if any x is NaN).
+struct NormChunk {
+  bool nonfinite = false;
+  double value = 0.0;
+};
+
 // Hyper-parameters of a fused SGD call in double; each kernel converts them
 // to its math type once.
 struct SgdArgs {
   double lr, weight_decay, momentum, one_minus_dampening, grad_mul;
   bool nesterov, maximize, has_momentum, scale_grad;
   bool write_grad;  // store the unscaled grad back into g
+  double clip = 1.0;  // clip coefficient, applied after grad_mul
+  bool clip_grad = false;
 };
 
 // Storage dtypes, in table order.
@@ -30,6 +39,12 @@ struct KernelTable {
   // Flags/sums n elements of g; with `write`, first multiplies them by `mul`.
   ChunkResult (*check[kNumDtypes])(void* g, int64_t n, double mul, bool write,
                                    bool want_sumsq);
+  // The norm partial of n elements of x = g * mul (mul == 1: g itself),
+  // x rounded to the storage type first (what .grad would hold); read-only.
+  NormChunk (*norm[kNumDtypes])(const void* g, int64_t n, double mul,
+                                bool inf_norm);
+  // The grad a skipped update leaves (unscaled_grad of SgdArgs), in place.
+  void (*grad[kNumDtypes])(void* g, int64_t n, const SgdArgs& a);
   // One fused SGD update of n elements; b may be null without momentum. g is
   // written only with SgdArgs::write_grad.
   void (*sgd[kNumDtypes])(void* p, void* g, void* b, int64_t n,

@@ -48,7 +48,8 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads,
                     bool nesterov, bool maximize, double grad_factor,
                     const c10::optional<at::Tensor>& grad_scale,
                     const c10::optional<at::Tensor>& found_inf,
-                    bool write_grads) {
+                    bool write_grads,
+                    const c10::optional<at::Tensor>& clip_coef) {
   const bool has_momentum = momentum != 0.0;
   check_sgd_lists(params, grads, momentum_buffers, steps, has_momentum);
   if (found_inf) check_scalar_f32(*found_inf, "found_inf");
@@ -103,6 +104,17 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads,
     } else {
       on_device(*grad_scale, "grad_scale");
       a.grad_scale = grad_scale->const_data_ptr<float>();
+    }
+  }
+
+  if (clip_coef) {
+    check_scalar_f32(*clip_coef, "clip_coef");
+    a.clip_grad = true;
+    if (clip_coef->is_cpu()) {
+      a.clip = clip_coef->item<float>();  // host memory: no device sync
+    } else {
+      on_device(*clip_coef, "clip_coef");
+      a.clip_coef = clip_coef->const_data_ptr<float>();
     }
   }
 

@@ -40,6 +40,11 @@ struct SgdArgsDevice {
   bool maximize;
   bool write_grad;  // store the unscaled grad back (also on a skipped step)
   bool skipped;     // the host already knows found_inf is set
+  // The clip coefficient of a fused clip_grad_norm_: on the device, or `clip`
+  // when the host has it; clip_grad says whether there is one.
+  const float* clip_coef = nullptr;
+  double clip = 1.0;
+  bool clip_grad = false;
 };
 
 template <typename scalar_t, bool kMomentum>
@@ -59,6 +64,7 @@ struct SgdFunctor {
                                             : a.lr;
     double grad_mul = a.grad_factor;
     if (a.grad_scale != nullptr) grad_mul *= inv_scale(*a.grad_scale);
+    const double clip = a.clip_coef != nullptr ? static_cast<double>(*a.clip_coef) : a.clip;
     const SgdHyper<op_t> h{static_cast<op_t>(lr),
                            static_cast<op_t>(a.weight_decay),
                            static_cast<op_t>(a.momentum),
@@ -67,9 +73,13 @@ struct SgdFunctor {
                            a.nesterov,
                            a.maximize,
                            kMomentum,
-                           grad_mul != 1.0};
+                           grad_mul != 1.0,
+                           static_cast<op_t>(clip),
+                           // A coefficient of exactly 1 changes nothing.
+                           a.clip_grad && clip != 1.0};
     // Writing g * 1 back would only cost bandwidth.
-    const unsigned grad_bit = a.write_grad && h.scale_grad ? 0b010u : 0u;
+    const unsigned grad_bit =
+        a.write_grad && (h.scale_grad || h.clip_grad) ? 0b010u : 0u;
     scalar_t* const grads = static_cast<scalar_t*>(meta.addresses[1][slot]) + start;
     if (skip) {
       // As torch's GradScaler leaves a skipped step: grads unscaled, nothing

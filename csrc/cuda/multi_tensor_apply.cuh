@@ -35,6 +35,8 @@ inline constexpr size_t kMaxKernelArgBytes = 4096;
 //   per-tensor step counter of fused SGD, read (never written) by the kernel.
 //   48 slots at depth 3 still fit.
 // * block_to_slot is a uint8_t: slots are < 256 at every depth.
+// * block_base numbers blocks across the launches of one call, for kernels
+//   that write one partial per block (the norm pass).
 // * Entries past the launch's slot/block counts are stale; blocks only index
 //   the slots the plan gave them.
 // * The kernel takes the table as a __grid_constant__ parameter: it is
@@ -51,6 +53,9 @@ struct TensorListMeta {
   const float* steps[kWithSteps ? kMaxTensors : 1];
   int32_t block_to_chunk[plan::kMaxBlocks];
   uint8_t block_to_slot[plan::kMaxBlocks];
+  // Blocks of the call's earlier launches: block_base + blockIdx.x numbers
+  // the blocks of a whole call 0, 1, ... in plan order (per-block outputs).
+  int64_t block_base;
 };
 
 // What the launcher is given: kDepth parallel lists of `count` device
@@ -102,6 +107,7 @@ void multi_tensor_apply(const TensorLists<kDepth>& lists, bool reverse,
   if (lists.count == 0) return;
 
   Meta meta{};
+  int64_t block_base = 0;
   plan::for_each_launch(
       lists.numels, lists.count, plan::capacity_for_depth(kDepth), reverse,
       [&](const plan::Launch& launch) {
@@ -116,6 +122,8 @@ void multi_tensor_apply(const TensorLists<kDepth>& lists, bool reverse,
           meta.block_to_slot[b] = static_cast<uint8_t>(launch.blocks[b].slot);
           meta.block_to_chunk[b] = launch.blocks[b].chunk;
         }
+        meta.block_base = block_base;
+        block_base += static_cast<int64_t>(launch.blocks.size());
         launch_kernel(&multi_tensor_kernel<Meta, Functor>,
                       static_cast<unsigned>(launch.blocks.size()), kBlockSize,
                       stream, meta, functor);

@@ -91,6 +91,30 @@ MUTATIONS = [
         "      if (start == 0 && threadIdx.x == 0) atomicAdd(const_cast<float*>(meta.steps[slot]), 1.f);\n",
         "test_fused_sgd_kernel",
     ),
+    Mutation(
+        "clip_not_written_back",
+        "with write_grads, a clip without an unscale leaves the grads unclipped",
+        "csrc/cuda/fused_sgd_kernel.cuh",
+        "a.write_grad && (h.scale_grad || h.clip_grad) ? 0b010u : 0u;",
+        "a.write_grad && h.scale_grad ? 0b010u : 0u;",
+        "test_fused_sgd_kernel",
+    ),
+    Mutation(
+        "block_base_not_advanced",
+        "every launch of a call numbers its blocks from 0: later launches overwrite the partials",
+        "csrc/cuda/multi_tensor_apply.cuh",
+        "        block_base += static_cast<int64_t>(launch.blocks.size());\n",
+        "",
+        "test_norm_check_kernel",
+    ),
+    Mutation(
+        "norm_finish_drops_last_partial",
+        "the finishing block of the norm stops one partial short",
+        "csrc/cuda/norm_check_kernel.cuh",
+        "for (int64_t i = threadIdx.x; i < count; i += blockDim.x)",
+        "for (int64_t i = threadIdx.x; i + 1 < count; i += blockDim.x)",
+        "test_norm_check_kernel",
+    ),
 ]
 
 

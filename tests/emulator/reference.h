@@ -1,6 +1,7 @@
 // Sequential references for the emulator tests, built from csrc/sgd_math.h:
 // what every element of a fused SGD call and of a check call must end up as,
-// and the exact float sum each check block must add to sumsq.
+// the exact float sum each check block must add to sumsq, and each partial
+// and the result of a norm pass.
 #pragma once
 
 #include <cstdint>
@@ -18,10 +19,13 @@ using fastaccum::cuda::opmath_t;
 
 // The hyper-parameters of one fused_sgd_ call in the math type, as the
 // op contract defines them: grad_mul = factor * float(1/double(scale)).
+// `clip` is the coefficient as a double (a device float widened); a
+// coefficient of exactly 1 is no clip.
 template <typename T>
 SgdHyper<opmath_t<T>> sgd_hyper(double lr, double weight_decay, double momentum,
                                 double dampening, bool nesterov, bool maximize,
-                                double factor, const float* scale) {
+                                double factor, const float* scale, bool clip_grad = false,
+                                double clip = 1.0) {
   using op_t = opmath_t<T>;
   double grad_mul = factor;
   if (scale != nullptr) grad_mul *= fastaccum::inv_scale(*scale);
@@ -33,7 +37,9 @@ SgdHyper<opmath_t<T>> sgd_hyper(double lr, double weight_decay, double momentum,
           nesterov,
           maximize,
           momentum != 0.0,
-          grad_mul != 1.0};
+          grad_mul != 1.0,
+          static_cast<op_t>(clip),
+          clip_grad && clip != 1.0};
 }
 
 // Elements [begin, end) of one tensor, one at a time: p, g, b as stored
@@ -45,8 +51,12 @@ void sgd_reference(T* p, T* g, T* b, int64_t begin, int64_t end, bool first,
                    const SgdHyper<opmath_t<T>>& h, bool write_grad, bool skipped) {
   using op_t = opmath_t<T>;
   for (int64_t i = begin; i < end; ++i) {
-    const op_t gi = fastaccum::unscaled_grad<op_t, op_t>(static_cast<op_t>(g[i]), h);
-    if (write_grad && h.scale_grad) g[i] = static_cast<T>(gi);
+    // Unscaled, then clipped: two roundings in opmath, as torch unscales
+    // the grads before clip_grad_norm_ scales them.
+    op_t gi = static_cast<op_t>(g[i]);
+    if (h.scale_grad) gi = gi * h.grad_mul;
+    if (h.clip_grad) gi = gi * h.clip;
+    if (write_grad && (h.scale_grad || h.clip_grad)) g[i] = static_cast<T>(gi);
     if (skipped) continue;
     op_t buf = (h.has_momentum && !first) ? static_cast<op_t>(b[i]) : op_t(0);
     const op_t out = fastaccum::sgd_math<op_t, op_t>(static_cast<op_t>(p[i]), gi, buf, first, h);
@@ -55,20 +65,79 @@ void sgd_reference(T* p, T* g, T* b, int64_t begin, int64_t end, bool first,
   }
 }
 
-// The unscale multiplier of a check call in the math type.
+// The unscale multiplier of a check or norm call, as the kernels form it in
+// double before the one conversion to the math type.
+inline double unscale_mul(double factor, const float* scale) {
+  return scale != nullptr ? fastaccum::inv_scale(*scale) * factor : factor;
+}
+
 template <typename T>
 opmath_t<T> check_mul(double factor, const float* scale) {
-  double m = factor;
-  if (scale != nullptr) m = fastaccum::inv_scale(*scale) * factor;
-  return static_cast<opmath_t<T>>(m);
+  return static_cast<opmath_t<T>>(unscale_mul(factor, scale));
+}
+
+// Calls visit(thread, i) for each element i of a chunk of n, in the order
+// NOTE: [chunk loop] gives each thread its elements: 16-byte packs when the
+// device address is 16-byte aligned (`vector_path`), then the strided tail.
+template <typename T, typename Visit>
+void chunk_order(int64_t n, bool vector_path, Visit&& visit) {
+  using fastaccum::cuda::kBlockSize;
+  constexpr int kVec = fastaccum::cuda::kVecBytes / static_cast<int>(sizeof(T));
+  int64_t done = 0;
+  if (vector_path) {
+    const int64_t packs = n / kVec;
+    for (int64_t v = 0; v < packs; ++v)
+      for (int e = 0; e < kVec; ++e) visit(static_cast<int>(v % kBlockSize), v * kVec + e);
+    done = packs * kVec;
+  }
+  for (int64_t base = done; base < n; base += int64_t{kBlockSize} * fastaccum::cuda::kIlp)
+    for (int k = 0; k < fastaccum::cuda::kIlp; ++k)
+      for (int t = 0; t < kBlockSize; ++t) {
+        const int64_t i = base + int64_t{k} * kBlockSize + t;
+        if (i < n) visit(t, i);
+      }
+}
+
+// The fixed tree of NOTE: [block sum] over one value per thread of a block
+// of kBlockSize, with `combine` for + (block_max: max_nan): a shuffle-down
+// tree per warp, then one over the warp results, padded with zeros.
+template <typename V, typename Combine>
+V block_tree(const std::vector<V>& per_thread, Combine combine) {
+  // Lane l combines lane l + o, or itself past 31.
+  auto warp_tree = [&](V (&v)[32]) {
+    for (int o = 16; o > 0; o >>= 1) {
+      V next[32];
+      for (int l = 0; l < 32; ++l) next[l] = combine(v[l], l + o < 32 ? v[l + o] : v[l]);
+      for (int l = 0; l < 32; ++l) v[l] = next[l];
+    }
+    return v[0];
+  };
+  constexpr int kWarps = fastaccum::cuda::kBlockSize / 32;
+  V warp_results[kWarps];
+  for (int w = 0; w < kWarps; ++w) {
+    V v[32];
+    for (int l = 0; l < 32; ++l) v[l] = per_thread[w * 32 + l];
+    warp_results[w] = warp_tree(v);
+  }
+  V v[32];
+  for (int l = 0; l < 32; ++l) v[l] = l < kWarps ? warp_results[l] : V(0);
+  return warp_tree(v);
+}
+
+template <typename V>
+V add(V a, V b) {
+  return a + b;
+}
+
+// The NaN-propagating max of NOTE: [norm check]: a NaN operand wins.
+template <typename V>
+V max_nan(V m, V x) {
+  return (x > m || x != x) ? x : m;
 }
 
 // What one check block over the values x[0, n) adds to sumsq, in the
-// kernel's order of additions: each thread sums its elements in the order
-// NOTE: [chunk loop] gives them (16-byte packs when the device address is
-// 16-byte aligned, `vector_path`, then the strided tail), then the fixed tree
-// of NOTE: [block sum]. Also tells whether a (multiplied) element is not
-// finite.
+// kernel's order of additions (chunk_order, then block_tree). Also tells
+// whether a (multiplied) element is not finite.
 template <typename T>
 struct BlockCheck {
   float sumsq;
@@ -79,48 +148,52 @@ template <typename T>
 BlockCheck<T> check_block_reference(const T* x, int64_t n, bool vector_path, opmath_t<T> mul,
                                     bool multiply) {
   using op_t = opmath_t<T>;
-  using fastaccum::cuda::kBlockSize;
-  constexpr int kVec = fastaccum::cuda::kVecBytes / static_cast<int>(sizeof(T));
-  std::vector<op_t> sum(kBlockSize, op_t(0));
+  std::vector<op_t> sum(fastaccum::cuda::kBlockSize, op_t(0));
   bool nonfinite = false;
-  auto add = [&](int thread, T stored) {
-    op_t v = static_cast<op_t>(stored);
+  chunk_order<T>(n, vector_path, [&](int thread, int64_t i) {
+    op_t v = static_cast<op_t>(x[i]);
     if (multiply) v = v * mul;
     if (fastaccum::is_nan(v * op_t(0))) nonfinite = true;
     sum[thread] = sum[thread] + v * v;
-  };
-  int64_t done = 0;
-  if (vector_path) {
-    const int64_t packs = n / kVec;
-    for (int64_t v = 0; v < packs; ++v)
-      for (int e = 0; e < kVec; ++e) add(static_cast<int>(v % kBlockSize), x[v * kVec + e]);
-    done = packs * kVec;
+  });
+  return {static_cast<float>(block_tree(sum, add<op_t>)), nonfinite};
+}
+
+// The partial one norm block writes for the values x[0, n): x = g * mul
+// rounded to T (only when mul != 1), then per thread sum x^2 or max |x| in
+// chunk_order, then block_tree, widened to double.
+struct NormBlock {
+  double partial;
+  bool nonfinite;
+};
+
+template <typename T>
+NormBlock norm_block_reference(const T* x, int64_t n, bool vector_path, double mul,
+                               bool inf_norm) {
+  using op_t = opmath_t<T>;
+  std::vector<op_t> acc(fastaccum::cuda::kBlockSize, op_t(0));
+  bool nonfinite = false;
+  chunk_order<T>(n, vector_path, [&](int thread, int64_t i) {
+    op_t v = static_cast<op_t>(x[i]);
+    if (mul != 1.0) v = static_cast<op_t>(static_cast<T>(v * static_cast<op_t>(mul)));
+    if (fastaccum::is_nan(v * op_t(0))) nonfinite = true;
+    acc[thread] = inf_norm ? max_nan(acc[thread], v < op_t(0) ? op_t(0) - v : v)
+                           : acc[thread] + v * v;
+  });
+  const op_t total = inf_norm ? block_tree(acc, max_nan<op_t>) : block_tree(acc, add<op_t>);
+  return {static_cast<double>(total), nonfinite};
+}
+
+// The finishing block's result over all partials: thread t combines
+// partials t, t + kBlockSize, ... in order, in double, then block_tree.
+inline double norm_finish_reference(const std::vector<double>& partials, bool inf_norm) {
+  using fastaccum::cuda::kBlockSize;
+  std::vector<double> acc(kBlockSize, 0.0);
+  for (size_t i = 0; i < partials.size(); ++i) {
+    double& a = acc[i % kBlockSize];
+    a = inf_norm ? max_nan(a, partials[i]) : a + partials[i];
   }
-  for (int64_t base = done; base < n; base += int64_t{kBlockSize} * fastaccum::cuda::kIlp)
-    for (int k = 0; k < fastaccum::cuda::kIlp; ++k)
-      for (int t = 0; t < kBlockSize; ++t) {
-        const int64_t i = base + int64_t{k} * kBlockSize + t;
-        if (i < n) add(t, x[i]);
-      }
-  // A warp's shuffle-down tree: lane l adds lane l + o, or itself past 31.
-  auto warp_tree = [](op_t (&v)[32]) {
-    for (int o = 16; o > 0; o >>= 1) {
-      op_t next[32];
-      for (int l = 0; l < 32; ++l) next[l] = v[l] + (l + o < 32 ? v[l + o] : v[l]);
-      for (int l = 0; l < 32; ++l) v[l] = next[l];
-    }
-    return v[0];
-  };
-  constexpr int kWarps = kBlockSize / 32;
-  op_t warp_sums[32];
-  for (int w = 0; w < kWarps; ++w) {
-    op_t v[32];
-    for (int l = 0; l < 32; ++l) v[l] = sum[w * 32 + l];
-    warp_sums[w] = warp_tree(v);
-  }
-  op_t v[32];
-  for (int l = 0; l < 32; ++l) v[l] = l < kWarps ? warp_sums[l] : op_t(0);
-  return {static_cast<float>(warp_tree(v)), nonfinite};
+  return inf_norm ? block_tree(acc, max_nan<double>) : block_tree(acc, add<double>);
 }
 
 }  // namespace emutest

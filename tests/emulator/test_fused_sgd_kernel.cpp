@@ -66,6 +66,22 @@ const Scalars kScalars[] = {
 };
 const Scalars kSkip = {"found_inf", true, 1024.f, 0.25, Lr::kF32, 1};
 
+// The clip coefficient of a fused clip_grad_norm_: a float on the device, or
+// the host's double. Exactly 1 must change nothing: no multiply, no grad
+// write-back, the same bits as no clip (the reference then is no clip's).
+struct Clip {
+  const char* name;
+  bool on_device;
+  double value;
+};
+
+const Clip kClips[] = {
+    {"clip_device", true, 0.37},
+    {"clip_host", false, 0.37},
+    {"clip_device_one", true, 1.0},
+    {"clip_host_one", false, 1.0},
+};
+
 std::vector<std::pair<int64_t, int64_t>> ranges(const TensorSpec& s) {
   std::vector<std::pair<int64_t, int64_t>> out;
   if (!s.sparse()) {
@@ -85,7 +101,8 @@ bool runs(const TensorSpec& s, int64_t chunk) {
 
 template <typename T>
 void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, const Config& c,
-             const Scalars& s, bool reverse, uint64_t seed, bool write_grad, bool flat = false) {
+             const Scalars& s, bool reverse, uint64_t seed, bool write_grad, bool flat = false,
+             const Clip* clip = nullptr) {
   const bool momentum = c.momentum != 0.0;
   const size_t count = specs.size();
   Rng rng(seed);
@@ -133,6 +150,7 @@ void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, con
   Scalar<float> scale(s.scale), found(s.found_inf > 0 ? 1.f : 0.f);
   Scalar<float> lr32(static_cast<float>(lr));
   Scalar<double> lr64(lr);
+  Scalar<float> clip32(clip != nullptr ? static_cast<float>(clip->value) : 1.f);
   SgdArgsDevice a{lr,       nullptr, nullptr,  c.weight_decay, c.momentum, 1.0 - c.dampening,
                   s.factor, nullptr, nullptr,  c.nesterov,     c.maximize, write_grad,
                   false};
@@ -140,6 +158,14 @@ void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, con
   if (s.lr == Lr::kF64) a.lr_f64 = lr64.ptr();
   if (s.scale_on_device) a.grad_scale = scale.ptr();
   if (s.found_inf >= 0) a.found_inf = found.ptr();
+  if (clip != nullptr) {
+    a.clip_grad = true;
+    if (clip->on_device) {
+      a.clip_coef = clip32.ptr();
+    } else {
+      a.clip = clip->value;
+    }
+  }
 
   std::vector<void*> pa(count), ga(count), ba(count, nullptr);
   std::vector<float*> sa(count);
@@ -169,8 +195,10 @@ void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, con
 
   const bool skipped = s.found_inf > 0;
   const double lr_used = s.lr == Lr::kF32 ? static_cast<double>(static_cast<float>(lr)) : lr;
+  const double clip_used = clip == nullptr ? 1.0 : clip->on_device ? clip32.value() : clip->value;
   const auto h = sgd_hyper<T>(lr_used, c.weight_decay, c.momentum, c.dampening, c.nesterov,
-                              c.maximize, s.factor, s.scale_on_device ? scale.ptr() : nullptr);
+                              c.maximize, s.factor, s.scale_on_device ? scale.ptr() : nullptr,
+                              clip != nullptr, clip_used);
   for (Snapshot& snap : snaps) {
     const size_t t = snap.tensor;
     sgd_reference(snap.p.data(), snap.g.data(), momentum ? snap.b.data() : nullptr, 0,
@@ -289,6 +317,36 @@ void add_cases() {
   }
 }
 
+// Clipping on its own (grad_mul 1: only the clip decides the grad write-back),
+// after an unscale, with each source of lr, and on a skipped step, where the
+// grads written back are the clipped ones.
+template <typename T>
+void add_clip_cases() {
+  const std::string dt = type_name<T>();
+  struct Run {
+    const Config& config;
+    const Scalars& scalars;
+    bool reverse, write_grad;
+  };
+  const Run runs[] = {
+      {kConfigs[0], kScalars[0], false, true},  {kConfigs[3], kScalars[1], true, false},
+      {kConfigs[4], kScalars[2], false, true},  {kConfigs[2], kScalars[3], true, true},
+      {kConfigs[3], kSkip, false, true},        {kConfigs[1], kSkip, true, false},
+  };
+  uint64_t seed = 300;
+  for (const Clip& clip : kClips)
+    for (const Run& r : runs) {
+      const std::string name = "clip/" + dt + "/" + clip.name + "/" + r.config.name + "/" +
+                               r.scalars.name + (r.reverse ? "/reverse" : "/forward") +
+                               (r.write_grad ? "/write_grads" : "");
+      add_case(name, [=, &clip] {
+        run_sgd<T>(name, boundary_sizes(), r.config, r.scalars, r.reverse, seed, r.write_grad, false,
+                   &clip);
+      });
+      ++seed;
+    }
+}
+
 // A tensor of more than 2^31 elements: chunk offsets in int64, the last
 // (partial) chunks run, the untouched rest costs no memory.
 template <typename T>
@@ -308,7 +366,10 @@ void add_huge_cases() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  emutest::for_each_dtype([](auto v) { add_cases<decltype(v)>(); });
+  emutest::for_each_dtype([](auto v) {
+    add_cases<decltype(v)>();
+    add_clip_cases<decltype(v)>();
+  });
   add_huge_cases<float>();
   add_huge_cases<c10::Half>();
   return emutest::run_all(argc, argv);
