@@ -641,6 +641,23 @@ def _num_launches(sizes, depth):
 # ---------------------------------------------------------------------------
 
 
+def _captured(step, make_state):
+    """`step` warmed up on a side stream (as graph capture requires), then
+    captured on fresh state: (graph, that state, what the captured call
+    returned)."""
+    warm = make_state()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(warm)
+    torch.cuda.current_stream().wait_stream(side)
+    state = make_state()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(state)
+    return graph, state, out
+
+
 @needs_real_cuda
 def test_cuda_graph_capture_and_replay():
     """The check + update ops captured once and replayed: scalars (lr,
@@ -668,17 +685,8 @@ def test_cuda_graph_capture_and_replay():
         ops.fused_sgd_(st["params"], grads, st["bufs"], st["steps"], lr=1.0, lr_tensor=lr, grad_factor=0.5,
                        grad_scale=scale, found_inf=st["found_inf"], **cfg)
 
-    warm = make_state()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step(warm)
-    torch.cuda.current_stream().wait_stream(s)
-
-    graphed, eager = make_state(), make_state()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(graphed)
+    graph, graphed, _ = _captured(step, make_state)
+    eager = make_state()
     gen = torch.Generator().manual_seed(92)
     for it in range(6):
         for gt in grads:
@@ -730,17 +738,8 @@ def test_cuda_graph_capture_fused_clip_step():
                        grad_scale=scale, found_inf=st["found_inf"], clip_coef=coef, **cfg)
         return norm, coef
 
-    warm = make_state()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step(warm)
-    torch.cuda.current_stream().wait_stream(s)
-
-    graphed, eager = make_state(), make_state()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        g_norm, g_coef = step(graphed)
+    graph, graphed, (g_norm, g_coef) = _captured(step, make_state)
+    eager = make_state()
     gen = torch.Generator().manual_seed(97)
     for it in range(5):
         for gt in grads:

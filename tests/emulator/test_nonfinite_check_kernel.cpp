@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../../csrc/cuda/nonfinite_check_kernel.cuh"
+#include "check_specs.h"
 #include "harness.h"
 #include "plan_map.h"
 #include "reference.h"
@@ -22,20 +23,6 @@ using namespace emutest;
 using fastaccum::cuda::CheckArgs;
 
 constexpr int64_t kChunk = fastaccum::plan::kChunkSize;
-
-struct TensorSpec {
-  int64_t n;
-  int misalign = 0;
-  std::vector<int64_t> run_chunks = {};  // sparse: only these chunks run
-  bool sparse() const { return !run_chunks.empty(); }
-};
-
-// A non-finite value planted at element `index` of tensor `tensor`.
-struct Plant {
-  size_t tensor;
-  int64_t index;
-  double value;
-};
 
 struct Mode {
   const char* name;
@@ -48,10 +35,6 @@ struct Mode {
 const Mode kReadOnly = {"read_only", false, false, 1.f, 1.0};
 const Mode kUnscale = {"unscale", true, true, 3000.f, 0.25};
 const Mode kUnscaleFactor = {"unscale_factor", true, false, 1.f, 1.0 / 3.0};
-
-bool runs(const TensorSpec& s, int64_t chunk) {
-  return !s.sparse() || std::find(s.run_chunks.begin(), s.run_chunks.end(), chunk) != s.run_chunks.end();
-}
 
 template <typename T>
 void run_check(const std::string& label, const std::vector<TensorSpec>& specs, const Mode& m,

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../../csrc/cuda/norm_check_kernel.cuh"
+#include "check_specs.h"
 #include "harness.h"
 #include "plan_map.h"
 #include "reference.h"
@@ -25,19 +26,6 @@ using namespace emutest;
 using fastaccum::cuda::NormArgs;
 
 constexpr int64_t kChunk = fastaccum::plan::kChunkSize;
-
-struct TensorSpec {
-  int64_t n;
-  int misalign = 0;
-  std::vector<int64_t> run_chunks = {};  // sparse: only these chunks run
-  bool sparse() const { return !run_chunks.empty(); }
-};
-
-struct Plant {
-  size_t tensor;
-  int64_t index;
-  double value;
-};
 
 struct Mode {
   const char* name;
@@ -52,10 +40,6 @@ const Mode kFactor = {"factor", false, 1.f, 1.0 / 3.0};
 // |g| * 128 passes fp16's 65504 for |g| > 511.75: inf in .grad after an
 // unscale, so inf here too, though finite in float.
 const Mode kOverflowFp16 = {"factor_overflows_fp16", false, 1.f, 128.0};
-
-bool runs(const TensorSpec& s, int64_t chunk) {
-  return !s.sparse() || std::find(s.run_chunks.begin(), s.run_chunks.end(), chunk) != s.run_chunks.end();
-}
 
 template <typename T>
 using out_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
