@@ -123,6 +123,13 @@ FASTACCUM_HD V nonfinite_probe(V x) {
   return x * V(0);
 }
 
+// Max that propagates NaN (a NaN anywhere gives NaN), as torch's max
+// norm; scalars, for the norm pass of every backend.
+template <typename T>
+FASTACCUM_HD T max_nan(T m, T x) {
+  return (x > m || x != x) ? x : m;
+}
+
 // NaN test for scalars that needs neither <cmath>'s nor CUDA's isnan, so the
 // kernel headers read the same under nvcc and a host compiler.
 template <typename T>

@@ -37,6 +37,19 @@ def check_lists(plan: StepPlan, writeback: list | None = None) -> dict[torch.dev
     return out
 
 
+def device_flag(found_inf: Tensor, device: torch.device) -> Tensor:
+    """The inf/NaN flag a pass writes on `device`: found_inf itself on its
+    own device, a new zeroed one elsewhere (torch's GradScaler keeps one per
+    device)."""
+    return found_inf if device == found_inf.device else torch.zeros_like(found_inf, device=device)
+
+
+def refuse_fp16(lists: dict[torch.device, dict[torch.dtype, list[Tensor]]]) -> None:
+    """torch's GradScaler.unscale_ refuses fp16 grads, with this wording."""
+    if any(torch.float16 in per_dtype for per_dtype in lists.values()):
+        raise ValueError("Attempting to unscale FP16 gradients.")
+
+
 @torch.no_grad()
 def run_check(
     plan: StepPlan,
@@ -52,11 +65,11 @@ def run_check(
     torch's GradScaler keeps one per device)."""
     writeback: list = []
     lists = check_lists(plan, writeback if grad_scale is not None else None)
-    if not allow_fp16 and any(torch.float16 in per_dtype for per_dtype in lists.values()):
-        raise ValueError("Attempting to unscale FP16 gradients.")
+    if not allow_fp16:
+        refuse_fp16(lists)
     per_device: dict[torch.device, Tensor] = {}
     for device, per_dtype in lists.items():
-        flag = per_device[device] = found_inf if device == found_inf.device else torch.zeros_like(found_inf, device=device)
+        flag = per_device[device] = device_flag(found_inf, device)
         scale = None if grad_scale is None else to_device(grad_scale, device)
         for grads in per_dtype.values():
             if scale is None:

@@ -12,15 +12,15 @@ import torch
 from torch import Tensor
 
 from . import _ops
-from ._check_pass import check_lists
+from ._check_pass import check_lists, device_flag, refuse_fp16
 from ._layout import to_device
 from ._plan import StepPlan
 
 SUPPORTED = (2.0, math.inf)
 
 
-def validate(max_norm, norm_type) -> float:
-    """norm_type as a float; ValueError for what the fused pass cannot do,
+def validate(max_norm, norm_type) -> tuple[float, float]:
+    """(max_norm, norm_type) as floats; ValueError for what the fused pass cannot do,
     before anything changes (torch accepts max_norm <= 0 and zeroes the
     grads; here that is refused as the mistake it almost always is)."""
     try:
@@ -40,7 +40,7 @@ def validate(max_norm, norm_type) -> float:
         raise ValueError(f"max_norm must be a number, got {type(max_norm).__name__}")
     if not (max_norm > 0 and math.isfinite(max_norm)):
         raise ValueError(f"max_norm must be positive and finite, got {max_norm}")
-    return norm_type
+    return float(max_norm), norm_type
 
 
 def _coalesce_sparse(plan: StepPlan) -> None:
@@ -65,16 +65,14 @@ def total_norm(
     `allow_fp16`, fp16 grads raise torch's unscale_ error first."""
     _coalesce_sparse(plan)
     lists = check_lists(plan)
-    if not allow_fp16 and any(torch.float16 in per_dtype for per_dtype in lists.values()):
-        raise ValueError("Attempting to unscale FP16 gradients.")
+    if not allow_fp16:
+        refuse_fp16(lists)
     per_device: dict[torch.device, Tensor] = {}
     parts: list[Tensor] = []
     first = None
     result_dtype = None
     for device, per_dtype in lists.items():
-        flag = per_device[device] = (
-            found_inf if device == found_inf.device else torch.zeros_like(found_inf, device=device)
-        )
+        flag = per_device[device] = device_flag(found_inf, device)
         scale = None if grad_scale is None else to_device(grad_scale, device)
         for dtype, grads in per_dtype.items():
             out = torch.empty((), dtype=torch.float64 if dtype is torch.float64 else torch.float32, device=device)

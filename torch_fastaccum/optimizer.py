@@ -287,7 +287,7 @@ class AccumOptimizer(Optimizer):
         window = self._window
         window.require_boundary("clip_grad_norm_()", "scaler.clip_grad_norm_(opt, max_norm)")
         window.require_unclipped()
-        norm_type = _clip.validate(max_norm, norm_type)
+        max_norm, norm_type = _clip.validate(max_norm, norm_type)
         if found_inf is None:
             device = next((p.grad.device for g in self.param_groups for p in g["params"] if p.grad is not None),
                           torch.device("cpu"))
@@ -300,7 +300,7 @@ class AccumOptimizer(Optimizer):
                                                 allow_fp16=grad_scale is None)
             if error_if_nonfinite:
                 _clip.check_finite(norm, norm_type)
-            window.clip_coef = _clip.coefficient(norm, float(max_norm))
+            window.clip_coef = _clip.coefficient(norm, max_norm)
         return norm, per_device
 
     def check_grads_(self, found_inf: Tensor) -> dict[torch.device, Tensor]:

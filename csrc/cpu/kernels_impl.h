@@ -107,12 +107,6 @@ ChunkResult check_chunk(void* data, int64_t n, double mul_d, bool write,
   return r;
 }
 
-// NaN-propagating max, as torch's max-norm: a NaN anywhere gives NaN.
-template <typename op_t>
-inline op_t max_nan(op_t m, op_t x) {
-  return (x > m || x != x) ? x : m;
-}
-
 // x = g * mul rounded to the storage type (what .grad would hold after an
 // unscale), then the square sum or the max |x| of the chunk. Lanes reduce in
 // a fixed order, so a chunk's result depends only on its data: the norm is

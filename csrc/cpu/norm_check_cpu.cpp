@@ -6,7 +6,6 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <vector>
 
 #include "../check_inputs.h"
@@ -50,8 +49,7 @@ void norm_check_cpu(at::TensorList grads, at::Tensor found_inf,
   double total = 0.0;
   for (const auto& r : results) {
     nonfinite |= r.nonfinite;
-    total = inf_norm ? ((r.value > total || std::isnan(r.value)) ? r.value : total)
-                     : total + r.value;
+    total = inf_norm ? max_nan(total, r.value) : total + r.value;
   }
   if (nonfinite) found_inf.fill_(1.0);
   norm_out.fill_(total);

@@ -2,15 +2,10 @@
 // host emulator alike, see cuda_or_emulator.h).
 #pragma once
 
+#include "../sgd_math.h"
 #include "cuda_or_emulator.h"
 
 namespace fastaccum::cuda {
-
-// NaN-propagating max: a NaN anywhere gives NaN, as torch's max norm.
-template <typename T>
-__device__ __forceinline__ T max_nan(T m, T x) {
-  return (x > m || x != x) ? x : m;
-}
 
 struct Plus {
   template <typename T>
