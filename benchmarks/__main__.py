@@ -68,6 +68,7 @@ PATH_NAMES = {
     "fastaccum": "fastaccum",
     "fastaccum_no_writeback": "fastaccum `grad_writeback=False`",
     "fastaccum_reverse_order": "fastaccum, reverse update order",
+    "fastaccum_by_value": "fastaccum, by-value launches",
 }
 NOISY_MARK = "⚠"
 THREADS_FROM = {
@@ -184,6 +185,7 @@ def _counts_table(cases: list[dict], what: str = "step") -> list[str]:
     ]
     for c in cases:
         cells = [f"{c['paths'][k].get('host_syncs', '?')} / {c['paths'][k].get('kernel_launches', '?')}"
+                 + (f" (+{c['paths'][k]['uploads']} upload)" if c["paths"][k].get("uploads") else "")
                  for k in PATH_KEYS]
         lines.append(f"| {c['case']} | " + " | ".join(cells) + " |")
     if any(c.get("count_error") for c in cases):
@@ -279,6 +281,14 @@ def _speed(result: dict) -> list[str]:
             lines.append(f"- {c['case']}: forward {c['paths']['fastaccum']['ms']:.3f} ms, "
                          f"reverse {c['paths']['fastaccum_reverse_order']['ms']:.3f} ms "
                          f"({c['reverse_order_speedup']:.3f}x)")
+    modes = [c for c in speed if "table_speedup" in c]
+    if modes:
+        lines += ["", "Launch mode (NOTE: [launch modes]; default: one launch per pass through a device table; "
+                  "by value: the launches of a captured step; above 1x the table passes are faster):", ""]
+        for c in modes:
+            lines.append(f"- {c['case']}: table {c['paths']['fastaccum']['ms']:.3f} ms, "
+                         f"by value {c['paths']['fastaccum_by_value']['ms']:.3f} ms "
+                         f"({c['table_speedup']:.3f}x)")
     lines.append("")
     return lines
 
@@ -307,6 +317,15 @@ def _e2e(e: dict) -> list[str]:
         + (f" {NOISY_MARK} noisy: do not quote this ratio." if e.get("noisy") else ""),
         "",
     ]
+    t = e.get("launch_tables")
+    if t:
+        passes = t["uploads"] + t["hits"]
+        lines += [
+            f"Launch tables (our loop zeroes with `set_to_none=True`, so every window allocates new grads): "
+            f"over {t['updates']} updates, {t['hits']} of {passes} passes found their table on the device "
+            f"and {t['uploads']} uploaded it ({t['upload_bytes'] / max(t['uploads'], 1):.0f} B each).",
+            "",
+        ]
     return lines
 
 

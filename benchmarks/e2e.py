@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from torch_fastaccum import AccumOptimizer, GradScaler
+from torch_fastaccum._ops import cuda_table_stats
 
 from .models import Net, synthetic_batches
 from .stats import summarize
@@ -59,6 +60,11 @@ def time_e2e(device: str, k: int, blocks: int, block_updates: int,
 
     loops = {"torch_default": reference(), "fastaccum": ours()}
     samples = {name: [] for name in loops}
+    # NOTE: [table cache] in csrc/cuda/launch_table.h: our loop zeroes with
+    # set_to_none, so every window's backward allocates new grads; a pass
+    # uploads its table again only when the caching allocator handed back
+    # other addresses. Counted over the timed blocks.
+    tables = {"uploads": 0, "hits": 0, "upload_bytes": 0}
     planned = blocks
     t_warm = clock()
     for b in range(planned + 1):
@@ -73,12 +79,16 @@ def time_e2e(device: str, k: int, blocks: int, block_updates: int,
         if b > blocks:
             break
         for name, run in loops.items():
+            before = cuda_table_stats()
             sync()
             t0 = time.perf_counter()
             run()
             sync()
             if b > 0:  # block 0 warms up
                 samples[name].append((time.perf_counter() - t0) / len(data))
+                after = cuda_table_stats()
+                for key in tables:
+                    tables[key] += after[key] - before[key]
     out = {"accumulation_steps": k, "micro_batch": micro_batch, "micro_batches_per_block": len(data),
            "blocks": blocks, "loops": {}}
     if deadline is not None:
@@ -89,5 +99,7 @@ def time_e2e(device: str, k: int, blocks: int, block_updates: int,
         out[name + "_ms_per_micro_batch"] = st["median_ms"]
         out[name + "_min_ms_per_micro_batch"] = st["min_ms"]
     out["noisy"] = any(st["noisy"] for st in out["loops"].values())
+    if device == "cuda":
+        out["launch_tables"] = dict(tables, updates=blocks * block_updates)
     out["speedup"] = out["torch_default_ms_per_micro_batch"] / out["fastaccum_ms_per_micro_batch"]
     return out

@@ -22,8 +22,8 @@
 #                 pytest-xdist, 8 workers (PYTEST_WORKERS=0: serial); with
 #                 pytest-timeout, 60 s per test.
 #   memcheck      compute-sanitizer --tool memcheck and
-#   racecheck     --tool racecheck, each on two fast tests of tests/test_cuda.py
-#                 (one check op, one fused SGD), with PYTORCH_NO_CUDA_MEMORY_CACHING=1
+#   racecheck     --tool racecheck, each on three fast tests of tests/test_cuda.py
+#                 (one check op, one fused SGD, one norm pass), with PYTORCH_NO_CUDA_MEMORY_CACHING=1
 #                 so memcheck sees every allocation. Skipped, and said so, where
 #                 there is no compute-sanitizer (PATH, $CUDA_HOME/bin,
 #                 /usr/local/cuda*/bin) or it cannot attach to the GPU there
@@ -373,7 +373,7 @@ if [[ "$DRY_RUN" == 1 ]]; then
   PYTEST_WORKERS="${PYTEST_WORKERS:-0}"
   BENCH_ARGS="${BENCH_ARGS:---device cpu --quick --updates 2 --e2e-blocks 0}"
 fi
-SANITIZER_TESTS="${SANITIZER_TESTS:-tests/test_cuda.py::test_nonfinite_check_matches_cpu[torch.float32-basic] tests/test_cuda.py::test_fused_sgd_matches_cpu[torch.float32-sizes-m0.9-d0.0-n0-wd0.0-max0-device-write_grads]}"
+SANITIZER_TESTS="${SANITIZER_TESTS:-tests/test_cuda.py::test_nonfinite_check_matches_cpu[torch.float32-basic] tests/test_cuda.py::test_fused_sgd_matches_cpu[torch.float32-sizes-m0.9-d0.0-n0-wd0.0-max0-device-write_grads] tests/test_cuda.py::test_norm_check_matches_cpu[torch.float32-l2-scale_device_factor]}"
 
 if [[ "$CMD" == test ]]; then run_test; else run_bench; fi
 status=$?

@@ -22,7 +22,7 @@ PATHS = ("torch_default", "torch_fused", "fastaccum", "fastaccum_no_writeback")
 # which torch's paths and our default do and the opt-out does not (28/24 B
 # per fp32 parameter).
 ACCESSES = {"torch_default": 7, "torch_fused": 7, "fastaccum": 7, "fastaccum_no_writeback": 6,
-            "fastaccum_reverse_order": 7}
+            "fastaccum_reverse_order": 7, "fastaccum_by_value": 7}
 # A loss scale that is not 1, so every step really unscales (at 1.0 the kernels
 # skip the multiply and the write); this close to 1 the grads, unscaled again
 # on every timed step, stay normal floats for thousands of steps.
@@ -184,6 +184,11 @@ def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, war
         runs.append(("fastaccum_reverse_order", step_of(*setups["fastaccum"]),
                      lambda: os.environ.__setitem__("FASTACCUM_CUDA_UPDATE_ORDER", "reverse"),
                      lambda: os.environ.pop("FASTACCUM_CUDA_UPDATE_ORDER", None)))
+        # The by-value launches a captured step makes (FASTACCUM_CUDA_LAUNCH,
+        # NOTE: [launch modes]), against the default one-launch table passes.
+        runs.append(("fastaccum_by_value", step_of(*setups["fastaccum"]),
+                     lambda: os.environ.__setitem__("FASTACCUM_CUDA_LAUNCH", "by_value"),
+                     lambda: os.environ.pop("FASTACCUM_CUDA_LAUNCH", None)))
     samples, taken, min_part_s = time_rounds(runs, timer, repeats, warmup, t_start, deadline, reserve_s, clock)
     numel = sum(sizes)
     elem = torch.empty((), dtype=dtype).element_size()
@@ -214,6 +219,8 @@ def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, war
     out["writeback_cost"] = ours / out["paths"]["fastaccum_no_writeback"]["ms"]
     if "fastaccum_reverse_order" in out["paths"]:  # above 1: reverse would be faster
         out["reverse_order_speedup"] = ours / out["paths"]["fastaccum_reverse_order"]["ms"]
+    if "fastaccum_by_value" in out["paths"]:  # above 1: the table passes are faster
+        out["table_speedup"] = out["paths"]["fastaccum_by_value"]["ms"] / ours
     del setups
     return out
 
@@ -260,12 +267,12 @@ def count_syncs_and_launches(sizes: list[int], dtype, device: str, paths=PATHS, 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
-        launches = sum(
-            1 for e in prof.events()
-            if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower()
-            and "memset" not in e.name.lower()
-        )
-        out[path] = {"host_syncs": syncs, "kernel_launches": launches}
+        cuda_events = [e.name.lower() for e in prof.events()
+                       if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        launches = sum(1 for n in cuda_events if "memcpy" not in n and "memset" not in n)
+        # Host-to-device copies: our launch tables when pointers changed.
+        uploads = sum(1 for n in cuda_events if "memcpy" in n and "htod" in n.replace(" ", ""))
+        out[path] = {"host_syncs": syncs, "kernel_launches": launches, "uploads": uploads}
         del step, before
     return out
 

@@ -24,6 +24,11 @@
 //   pass can run reversed, to start on the gradients the check pass read
 //   last (still in L2); measured slower on the H200, so forward is the
 //   default (csrc/cuda/fused_sgd_cuda.cu, update_order_reversed).
+//
+// This plan serves the by-value launches (CUDA graph capture, see NOTE:
+// [launch modes] in csrc/cuda/multi_tensor_apply.cuh). The eager launches
+// take the whole list in one launch through a device table, whose blocks
+// for_each_block below enumerates in the same order.
 #pragma once
 
 #include <cstddef>
@@ -35,17 +40,31 @@
 
 namespace fastaccum::plan {
 
-// Capacities of the 4 KB kernel-argument metadata, indexed by depth - 1
-// (the number of tensor lists a kernel reads or writes), as PyTorch sizes its
-// TensorListMetadata. CUDA 12.1+ on sm70+ allows 32 KB of kernel arguments,
-// which would cut the launch count of long lists ~7x; not used yet.
+// NOTE: [kernel-argument budgets]
+// By-value metadata (multi_tensor_apply.cuh) must fit the kernel-argument
+// limit: 4 KB everywhere, 32,764 bytes with CUDA >= 12.1 on sm70+ and a
+// driver of that age (CUDA 13 requires both). Capacities by depth - 1 (the
+// number of tensor lists a kernel reads or writes): the 4 KB table is
+// PyTorch's; the 32 KB one is ours, sized so that the depth-3 metadata with
+// step counters (40 B per tensor, 6 B per block) plus a functor fits, as the
+// static_assert in multi_tensor_apply checks.
 inline constexpr int kMaxDepth = 5;
+inline constexpr size_t kSmallArgBytes = 4096;
+inline constexpr size_t kLargeArgBytes = 32764;
 inline constexpr int kMaxTensorsByDepth[kMaxDepth] = {110, 64, 48, 36, 30};
 inline constexpr int kMaxBlocks = 320;
+inline constexpr int kLargeMaxTensorsByDepth[kMaxDepth] = {1200, 800, 448, 384, 320};
+inline constexpr int kLargeMaxBlocks = 2048;
 inline constexpr int64_t kChunkSize = 65536;
 
-constexpr int max_tensors_for_depth(int depth) {
-  return (depth >= 1 && depth <= kMaxDepth) ? kMaxTensorsByDepth[depth - 1] : 0;
+constexpr int max_tensors_for_depth(int depth, size_t arg_bytes = kSmallArgBytes) {
+  if (depth < 1 || depth > kMaxDepth) return 0;
+  return arg_bytes >= kLargeArgBytes ? kLargeMaxTensorsByDepth[depth - 1]
+                                     : kMaxTensorsByDepth[depth - 1];
+}
+
+constexpr int max_blocks_for(size_t arg_bytes) {
+  return arg_bytes >= kLargeArgBytes ? kLargeMaxBlocks : kMaxBlocks;
 }
 
 struct Capacity {
@@ -54,12 +73,18 @@ struct Capacity {
   int64_t chunk_size;
 };
 
-inline Capacity capacity_for_depth(int depth) {
+inline Capacity capacity_for_depth(int depth, size_t arg_bytes = kSmallArgBytes) {
   if (depth < 1 || depth > kMaxDepth)
     throw std::invalid_argument("launch plan: depth must be in [1, " +
                                 std::to_string(kMaxDepth) + "], got " +
                                 std::to_string(depth));
-  return {max_tensors_for_depth(depth), kMaxBlocks, kChunkSize};
+  if (arg_bytes != kSmallArgBytes && arg_bytes != kLargeArgBytes)
+    throw std::invalid_argument("launch plan: kernel-argument budget must be " +
+                                std::to_string(kSmallArgBytes) + " or " +
+                                std::to_string(kLargeArgBytes) + " bytes, got " +
+                                std::to_string(arg_bytes));
+  return {max_tensors_for_depth(depth, arg_bytes), max_blocks_for(arg_bytes),
+          kChunkSize};
 }
 
 struct Slot {
@@ -133,6 +158,96 @@ void for_each_launch(const std::vector<int64_t>& numels, const Capacity& cap,
                      bool reverse, Emit&& emit) {
   for_each_launch(numels.data(), numels.size(), cap, reverse,
                   static_cast<Emit&&>(emit));
+}
+
+// NOTE: [table blocks]
+// The blocks of a one-launch (device table) pass, in launch order: emit(t,
+// chunk) for every chunk of every tensor, tensors and chunks in the order of
+// for_each_launch (reversed alike). A tensor with numel 0 gets one block of
+// no elements when `empty_gets_block` (the update with momentum: that block
+// advances the tensor's step counter, as the by-value step launch does),
+// none otherwise. Returns the block count; throws when it exceeds the grid's
+// x limit (2^31 - 1) or a tensor has more than 2^31 chunks.
+template <typename Emit>
+int64_t for_each_block(const int64_t* numels, size_t count, bool reverse,
+                       bool empty_gets_block, Emit&& emit) {
+  int64_t blocks = 0;
+  for (size_t k = 0; k < count; ++k) {
+    const size_t t = reverse ? count - 1 - k : k;
+    const int64_t numel = numels[t];
+    if (numel < 0)
+      throw std::invalid_argument("launch plan: negative numel for tensor " +
+                                  std::to_string(t));
+    const int64_t chunks =
+        numel == 0 ? (empty_gets_block ? 1 : 0) : (numel - 1) / kChunkSize + 1;
+    if (chunks - 1 > std::numeric_limits<int32_t>::max())
+      throw std::invalid_argument("launch plan: tensor " + std::to_string(t) +
+                                  " has too many chunks");
+    if (blocks + chunks > std::numeric_limits<int32_t>::max())
+      throw std::invalid_argument(
+          "launch plan: more than 2^31 - 1 chunks in one list");
+    for (int64_t j = 0; j < chunks; ++j)
+      emit(t, static_cast<int32_t>(reverse ? chunks - 1 - j : j));
+    blocks += chunks;
+  }
+  return blocks;
+}
+
+// Chunks of one tensor in a table pass (see for_each_block).
+inline int64_t table_chunks(int64_t numel, bool empty_gets_block) {
+  return numel == 0 ? (empty_gets_block ? 1 : 0) : (numel - 1) / kChunkSize + 1;
+}
+
+// NOTE: [launch counts]
+// The kernel launches of one call of each pass, for tensors of these sizes:
+// what the launchers do, computed by the same planning functions (tested on
+// the CPU through fastaccum::_cuda_launch_count; the emulator programs check
+// that the launchers make exactly these launches).
+// * table (eager): one launch per pass that has a block; the norm pass of an
+//   all-empty list still launches one block to write its 0. The step
+//   counters advance inside the update, so `steps` is 0.
+// * by value (`arg_bytes` budget, used under CUDA graph capture): the plan's
+//   launches per pass, the norm's finishing block, and with momentum the
+//   step-counter launches (steps_per_launch counters each).
+struct LaunchCounts {
+  int64_t check = 0;   // nonfinite_check_ / unscale_check_
+  int64_t norm = 0;    // norm_check_
+  int64_t update = 0;  // fused_sgd_
+  int64_t steps = 0;   // fused_sgd_ with momentum: step counters
+};
+
+// Step counters per by-value step launch: one pointer each, plus a count and
+// found_inf, within the budget (checked by static_asserts in
+// csrc/cuda/fused_sgd_kernel.cuh).
+constexpr int64_t steps_per_launch(size_t arg_bytes) {
+  return arg_bytes >= kLargeArgBytes ? 4000 : 480;
+}
+
+inline LaunchCounts count_launches(const int64_t* numels, size_t count,
+                                   bool momentum, bool table, size_t arg_bytes) {
+  LaunchCounts c;
+  if (table) {
+    const auto noop = [](size_t, int32_t) {};
+    const int64_t blocks = for_each_block(numels, count, false, false, noop);
+    c.check = blocks > 0 ? 1 : 0;
+    c.norm = 1;
+    c.update = for_each_block(numels, count, false, momentum, noop) > 0 ? 1 : 0;
+    return c;
+  }
+  auto launches = [&](int depth) {
+    int64_t n = 0;
+    for_each_launch(numels, count, capacity_for_depth(depth, arg_bytes), false,
+                    [&](const Launch&) { ++n; });
+    return n;
+  };
+  c.check = launches(1);
+  c.norm = c.check + 1;
+  c.update = launches(momentum ? 3 : 2);
+  if (momentum && count > 0) {
+    const auto per = steps_per_launch(arg_bytes);
+    c.steps = (static_cast<int64_t>(count) + per - 1) / per;
+  }
+  return c;
 }
 
 }  // namespace fastaccum::plan

@@ -7,7 +7,8 @@
 //    then per launch: num_slots, (tensor, numel) * num_slots,
 //                     num_blocks, (slot, chunk) * num_blocks]
 // chunk_size / max_blocks / max_tensors of 0 mean the production capacity for
-// `depth`; other values let tests use tiny capacities.
+// `depth` within the kernel-argument budget `arg_bytes` (4096 or 32764);
+// other values let tests use tiny capacities.
 #include <torch/library.h>
 
 #include <cstdint>
@@ -22,12 +23,17 @@ namespace {
 std::vector<int64_t> launch_plan_debug(c10::IntArrayRef numels, int64_t depth,
                                        bool reverse, int64_t chunk_size,
                                        int64_t max_blocks,
-                                       int64_t max_tensors) {
+                                       int64_t max_tensors, int64_t arg_bytes) {
   TORCH_CHECK(depth >= 1 && depth <= plan::kMaxDepth, "depth must be in [1, ",
               plan::kMaxDepth, "], got ", depth);
   TORCH_CHECK(chunk_size >= 0 && max_blocks >= 0 && max_tensors >= 0,
               "capacity overrides must be >= 0 (0 = default)");
-  plan::Capacity cap = plan::capacity_for_depth(static_cast<int>(depth));
+  plan::Capacity cap{};
+  try {
+    cap = plan::capacity_for_depth(static_cast<int>(depth), static_cast<size_t>(arg_bytes));
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
   if (chunk_size > 0) cap.chunk_size = chunk_size;
   if (max_blocks > 0) cap.max_blocks = static_cast<int>(max_blocks);
   if (max_tensors > 0) cap.max_tensors = static_cast<int>(max_tensors);

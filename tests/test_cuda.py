@@ -26,6 +26,7 @@ from _helpers import (
     run_ours,
     run_ref,
 )
+import torch_fastaccum._ops
 from torch_fastaccum import AccumOptimizer, GradScaler
 
 DEV = os.environ.get("FASTACCUM_TEST_CUDA_AS", "cuda")
@@ -581,8 +582,8 @@ def test_opcheck_cuda(op):
 
 
 def _count_kernels(fn):
-    """Kernel launches of our multi-tensor kernels in fn(), by name; None when
-    the profiler sees no CUDA kernels at all (no CUPTI)."""
+    """Our kernel launches and host-to-device copies in fn(), by kind; None
+    when the profiler sees no CUDA activity at all (no CUPTI)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -592,12 +593,23 @@ def _count_kernels(fn):
     if not names:
         return None
     return {
-        "multi_tensor": sum("multi_tensor_kernel" in n for n in names),
+        "table": sum("multi_tensor_table_kernel" in n for n in names),
+        "by_value": sum("multi_tensor_kernel" in n for n in names),
         "steps": sum("advance_steps_kernel" in n for n in names),
+        "finish": sum("norm_finish_kernel" in n for n in names),
+        "uploads": sum("memcpy" in n.lower() and "htod" in n.lower().replace(" ", "") for n in names),
     }
 
 
-def test_ten_thousand_tensors():
+def _arg_bytes():
+    """The by-value budget of this build on this device (NOTE: [kernel-argument
+    budgets]): 32 KB from CUDA 12.1 on sm70+."""
+    major, minor = (int(x) for x in torch.version.cuda.split(".")[:2])
+    big = (major, minor) >= (12, 1) and torch.cuda.get_device_capability()[0] >= 7
+    return 32764 if big else 4096
+
+
+def test_ten_thousand_tensors(monkeypatch):
     n, size = 10_000, 1_000
     cfg = SGD_CONFIGS[3]
     sizes = [size] * n
@@ -622,18 +634,96 @@ def test_ten_thousand_tensors():
             ops.nonfinite_check_(g, found_inf)
             ops.fused_sgd_(p, g, b, s, lr=0.1, lr_tensor=None, found_inf=found_inf, **cfg)
 
-        step()  # warm-up
+        step()  # warm-up: uploads the two tables
         counts = _count_kernels(step)
         if counts is not None:
-            # Launches per step are fixed by the plan (see NOTE: [launch plan]):
-            # ceil(n/110) check + ceil(n/48) update + ceil(n/480) counter launches.
-            check = _num_launches(sizes, 1)
-            update = _num_launches(sizes, 3)
-            assert counts == {"multi_tensor": check + update, "steps": math.ceil(n / 480)}
+            # NOTE: [launch modes]: one launch per pass, whatever the tensor
+            # count, and no upload while the pointers stay the same.
+            want = torch_fastaccum._ops.cuda_launch_count(sizes, torch.float32)
+            assert counts == {"table": want["step"], "by_value": 0, "steps": 0, "finish": 0, "uploads": 0}
+            assert want["step"] == 2
+            monkeypatch.setenv("FASTACCUM_CUDA_LAUNCH", "by_value")
+            counts = _count_kernels(step)
+            want = torch_fastaccum._ops.cuda_launch_count(sizes, torch.float32, captured=True,
+                                                          arg_bytes=_arg_bytes())
+            assert counts == {"table": 0, "by_value": want["check"] + want["update"],
+                              "steps": want["steps"], "finish": 0, "uploads": 0}
 
 
-def _num_launches(sizes, depth):
-    return ops._launch_plan(sizes, depth)[0]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_table_and_by_value_launches_agree_bitwise(dtype, monkeypatch):
+    """NOTE: [launch modes]: the one-launch table passes and the by-value
+    launches (graph capture's) run the same functors over the same chunks:
+    every output is bit-identical, step counters included (in-kernel tickets
+    against the counter launches), with a tensor cut by the by-value block
+    limit, empty tensors, and first and later updates."""
+    cfg = SGD_CONFIGS[3]
+    sizes = _many_sizes(5, n=600) + [CHUNK * 3 + 5, 0]
+    inputs = _sgd_inputs(sizes, dtype, cfg["momentum"], seed=81)  # first and later updates
+    runs = {}
+    for mode in ("table", "by_value"):
+        monkeypatch.setenv("FASTACCUM_CUDA_LAUNCH", mode)
+        runs[mode] = _run_sgd(DEV, *inputs, cfg, "device")
+        grads = _to(inputs[1], DEV)
+        found, norm = torch.zeros((), device=DEV), torch.zeros((), dtype=torch.float64 if dtype == torch.float64
+                                                              else torch.float32, device=DEV)
+        ops.norm_check_(grads, found, norm, norm_type=2.0, factor=0.25)
+        runs[mode] += (norm, found)
+        ops.unscale_check_(grads, found, torch.tensor(64.0, device=DEV), factor=0.5)
+        runs[mode] += tuple(grads)
+    a, b = runs["table"], runs["by_value"]
+    _assert_sgd_equal(a[:4], b[:4], dtype, exact=True)
+    for xs, ys in zip(a[2:4], b[2:4]):  # step counters, grads
+        assert all(_same(x, y) for x, y in zip(xs, ys))
+    for x, y in zip(a[4:], b[4:]):
+        assert _same(x, y)
+    if REAL_CUDA:
+        monkeypatch.setenv("FASTACCUM_CUDA_LAUNCH", "sideways")
+        with pytest.raises(RuntimeError, match="FASTACCUM_CUDA_LAUNCH must be 'table' or 'by_value'"):
+            ops.nonfinite_check_(grads, found)
+
+
+@needs_real_cuda
+def test_launch_table_cache_refreshes_on_new_pointers():
+    """NOTE: [table cache]: a table is uploaded when a pass's pointers change
+    (new grads, as after zero_grad(set_to_none=True)), found again while they
+    stay, kept per stream, and the results stay right through all of it."""
+    cfg = SGD_CONFIGS[3]
+    sizes = [1000] * 300 + [CHUNK + 1, 0]
+    p0, g0, b0, s0 = _sgd_inputs(sizes, torch.float32, cfg["momentum"], seed=82)
+    stats = torch_fastaccum._ops.cuda_table_stats
+    stats(clear=True)
+    dev = [_to(x, "cuda") for x in (p0, g0, b0, s0)]
+    ref = [_clone(x) for x in (p0, g0, b0, s0)]
+    found = torch.zeros((), device="cuda")
+
+    def step(state, grads, device):
+        f = found.zero_() if device == "cuda" else torch.zeros(())
+        ops.nonfinite_check_(grads, f)
+        ops.fused_sgd_(state[0], grads, state[2], state[3], lr=0.1, lr_tensor=None, found_inf=f, **cfg)
+
+    before = stats()
+    side = torch.cuda.Stream()
+    for it in range(6):
+        grads = dev[1] if it in (0, 1, 3) else _to(g0, "cuda")  # new addresses at 2, 4, 5
+        if it == 3:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step(dev, grads, "cuda")
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            step(dev, grads, "cuda")
+        step(ref, _clone(g0), "cpu")
+        torch.cuda.synchronize()
+        for a, b in zip(dev[0], ref[0]):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-6)
+        assert [x.item() for x in dev[3]] == [x.item() for x in ref[3]]
+    after = stats()
+    # Calls 0 (new), 2 (new grads), 3 (other stream), 4 and 5 (new grads)
+    # upload both tables; call 1 finds both.
+    assert after["uploads"] - before["uploads"] == 2 * 5
+    assert after["hits"] - before["hits"] == 2
+    assert after["entries"] == 4  # two passes on each of two streams
 
 
 # ---------------------------------------------------------------------------
@@ -685,7 +775,17 @@ def test_cuda_graph_capture_and_replay():
         ops.fused_sgd_(st["params"], grads, st["bufs"], st["steps"], lr=1.0, lr_tensor=lr, grad_factor=0.5,
                        grad_scale=scale, found_inf=st["found_inf"], **cfg)
 
+    stats = torch_fastaccum._ops.cuda_table_stats
     graph, graphed, _ = _captured(step, make_state)
+    # The warm-up ran in table mode; the capture, by value: the graph holds
+    # no table that later eager calls could rewrite (NOTE: [launch modes]).
+    before = stats()
+    capture_again = torch.cuda.CUDAGraph()
+    spare = make_state()
+    with torch.cuda.graph(capture_again):
+        step(spare)
+    after = stats()
+    assert (after["uploads"], after["hits"]) == (before["uploads"], before["hits"])
     eager = make_state()
     gen = torch.Generator().manual_seed(92)
     for it in range(6):

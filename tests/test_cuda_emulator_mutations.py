@@ -1,9 +1,11 @@
 """The emulator tests can fail: each deliberate break of the kernel code in
 tests/emulator/mutations.py (a tail bound off by one, the block reduction's
 barrier removed, the alignment test skipped, the step counters advanced
-before the update reads them, a clipped grad not written back, the norm's
-partials misnumbered across launches or one left out) is built in a copy of
-csrc/ and must make the emulator test program that covers it fail.
+before the update reads them, a step-counter or norm ticket off by one or
+not reset, a launch table reused after its pointers changed, a clipped grad
+not written back, the norm's partials misnumbered across launches or one
+left out, the chunk loop's 8-byte packs taken or dropped wrongly) is built in
+a copy of csrc/ and must make the emulator test program that covers it fail.
 
 The mutants build two at a time while the tests wait for their own.
 """

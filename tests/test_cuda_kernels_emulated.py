@@ -8,7 +8,7 @@ csrc/sgd_math.h, bit for bit. See NOTE: [emulator model] in
 csrc/emulator/cuda_emulator.h for what this does and does not model; the
 kernels' behaviour on a real GPU is tests/test_cuda.py's business.
 
-The four programs start together (two cores run them side by side) and each
+The five programs start together (two cores run them side by side) and each
 test waits for its own.
 """
 

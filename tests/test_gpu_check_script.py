@@ -98,7 +98,7 @@ def test_dry_run_test_command(tmp_path):
                  "gpu_check test: PASS"):
         assert line in summary, summary
     assert " passed" in (out / "gpu_check-pytest.log").read_text()
-    assert "2 passed" in (out / "gpu_check-memcheck.log").read_text()  # the two sanitizer tests ran
+    assert "3 passed" in (out / "gpu_check-memcheck.log").read_text()  # the three sanitizer tests ran
     # The same logs stay in RESULTS_DIR.
     assert any(p.name.endswith("-test-summary.txt") for p in res.iterdir())
 

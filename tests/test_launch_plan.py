@@ -19,9 +19,10 @@ MAX_BLOCKS = 320
 CHUNK = 65536
 
 
-def plan(numels, depth, reverse=False, chunk_size=0, max_blocks=0, max_tensors=0):
+def plan(numels, depth, reverse=False, chunk_size=0, max_blocks=0, max_tensors=0, arg_bytes=4096):
     """Decoded plan: a list of launches, each (slots [(tensor, numel)], blocks [(slot, chunk)])."""
-    flat = torch.ops.fastaccum._launch_plan(list(numels), depth, reverse, chunk_size, max_blocks, max_tensors)
+    flat = torch.ops.fastaccum._launch_plan(list(numels), depth, reverse, chunk_size, max_blocks, max_tensors,
+                                            arg_bytes)
     it = iter(flat)
     launches = []
     for _ in range(next(it)):
@@ -107,6 +108,26 @@ def test_capacity_per_depth(depth, reverse):
     n = 3 * MAX_TENSORS[depth] + 7
     launches = check([1000] * n, depth, reverse)
     assert [len(s) for s, _ in launches] == [MAX_TENSORS[depth]] * 3 + [7]
+
+
+LARGE_TENSORS = {1: 1200, 2: 800, 3: 448, 4: 384, 5: 320}
+LARGE_BLOCKS = 2048
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
+def test_32k_capacity_per_depth(depth, reverse):
+    """The 32 KB kernel-argument budget (NOTE: [kernel-argument budgets])."""
+    numels = [1000] * (2 * LARGE_TENSORS[depth] + 7) + [CHUNK * 2100 + 3]
+    launches = plan(numels, depth, reverse, arg_bytes=32764)
+    check_invariants(numels, launches, LARGE_TENSORS[depth], LARGE_BLOCKS, CHUNK, reverse)
+    assert launches == reference_plan(numels, LARGE_TENSORS[depth], LARGE_BLOCKS, CHUNK, reverse)
+    assert max(len(b) for _, b in launches) == LARGE_BLOCKS
+
+
+def test_unknown_budget_is_refused():
+    with pytest.raises(RuntimeError, match="budget must be 4096 or 32764"):
+        plan([5], 1, arg_bytes=8000)
 
 
 @pytest.mark.parametrize("reverse", [False, True])

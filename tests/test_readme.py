@@ -70,3 +70,20 @@ def test_cpu_usage_example_runs_as_written():
     for p, r, b in zip(model.parameters(), ref_model.parameters(), before):
         assert not torch.equal(r, b)
         torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+
+
+def test_launch_count_block_prints_what_it_says():
+    # Each call in the "CUDA launches" block is followed by its result as a
+    # comment: the comment must be what the call returns here.
+    import ast
+
+    block = next(b for b in _python_blocks() if "cuda_launch_count(" in b)
+    scope = {"torch": torch}
+    lines = block.splitlines()
+    checked = 0
+    for line, nxt in zip(lines, lines[1:] + [""]):
+        if not line.startswith("from ") and "cuda_launch_count(" in line and nxt.startswith("# {"):
+            exec(compile("\n".join(b for b in lines if b.startswith("from ")), "README.md", "exec"), scope)
+            assert eval(line, scope) == ast.literal_eval(nxt[2:]), line
+            checked += 1
+    assert checked == 2

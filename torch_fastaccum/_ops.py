@@ -16,6 +16,8 @@ __all__ = [
     "norm_check_",
     "fused_sgd_",
     "has_kernel_for",
+    "cuda_launch_count",
+    "cuda_table_stats",
 ]
 
 
@@ -135,6 +137,48 @@ def _(params, grads, momentum_buffers, steps, *, lr, lr_tensor=None, weight_deca
     for p, g in zip(params, grads):
         torch._check(p.shape == g.shape, lambda: "grad shape differs from its param")
     return None
+
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def cuda_launch_count(numels: list[int], dtype: torch.dtype, *, momentum: bool = True,
+                      captured: bool = False, arg_bytes: int = 32764) -> dict[str, int]:
+    """The CUDA kernel launches one optimizer step makes for one (device,
+    dtype) group of tensors with these element counts, per pass, computed by
+    the C++ plan the launchers run (NOTE: [launch counts] in
+    csrc/launch_plan.h), so it holds on a machine without a GPU.
+
+    Keys: ``check`` (the scaler's check/unscale pass), ``norm`` (the fused
+    clip's norm pass, which replaces ``check``), ``update`` and ``steps`` (the
+    update and, with ``momentum``, its step counters), ``step`` (check +
+    update + steps) and ``step_with_clip`` (norm + update + steps).
+    ``captured``: the by-value launches used while a CUDA graph is being
+    captured, within ``arg_bytes`` of kernel arguments (32764 with CUDA >=
+    12.1 on sm70+, else 4096); otherwise the eager one-launch passes. Chunks
+    count elements, so ``dtype`` (one the kernels take) does not change the
+    count.
+    """
+    if dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"cuda_launch_count: dtype must be one of {_KERNEL_DTYPES}, got {dtype}")
+    if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in numels):
+        raise ValueError("cuda_launch_count: numels must be non-negative ints")
+    check, norm, update, steps = torch.ops.fastaccum._cuda_launch_count(
+        list(numels), momentum, captured, arg_bytes)
+    return {"check": check, "norm": norm, "update": update, "steps": steps,
+            "step": check + update + steps, "step_with_clip": norm + update + steps}
+
+
+def cuda_table_stats(clear: bool = False) -> dict[str, int]:
+    """Counters of the CUDA launch-table cache (NOTE: [table cache] in
+    csrc/cuda/launch_table.h) since the process started: ``hits`` (calls
+    whose table was on the device already), ``uploads`` and ``upload_bytes``
+    (calls that copied a changed table), ``allocations`` and ``entries``.
+    All 0 without CUDA kernels. ``clear`` empties the cache after reading
+    (the counters keep counting)."""
+    hits, uploads, upload_bytes, allocations, entries = torch.ops.fastaccum._cuda_table_stats(clear)
+    return {"hits": hits, "uploads": uploads, "upload_bytes": upload_bytes,
+            "allocations": allocations, "entries": entries}
 
 
 # A fact of the build, read once here, after the fake impls above registered

@@ -16,6 +16,7 @@
 
 #include "../check_inputs.h"
 #include "fused_sgd_kernel.cuh"
+#include "launch_mode.h"
 #include "tensor_addresses.h"
 
 namespace fastaccum::cuda {
@@ -141,10 +142,12 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads,
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream =
       c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  TorchTableSource tables(device, stream);
+  const LaunchMode mode = launch_mode_for(device, stream, &tables);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(),
       "fastaccum_fused_sgd_cuda",
-      [&] { fused_sgd_launch<scalar_t>(lists, a, reverse, stream); });
+      [&] { fused_sgd_launch<scalar_t>(lists, a, reverse, mode, stream); });
 }
 
 }  // namespace

@@ -47,24 +47,40 @@ struct SgdArgsDevice {
   bool clip_grad = false;
 };
 
+// NOTE: [update prologue]
+// Each device scalar (found_inf, lr, grad_scale, clip_coef, the step
+// counter) is its own global load of ~0.5-1 us latency; the functor issues
+// all of them before any branch depends on one, so a block waits for them
+// once rather than one after another.
 template <typename scalar_t, bool kMomentum>
 struct SgdFunctor {
+  static constexpr int kDepth = kMomentum ? 3 : 2;
   SgdArgsDevice a;
 
-  template <typename Meta>
-  __device__ __forceinline__ void operator()(const Meta& meta, int slot,
-                                             int64_t start, int64_t n) const {
+  __device__ __forceinline__ void operator()(const Chunk<kDepth>& c) const {
     using op_t = opmath_t<scalar_t>;
     // Set by an earlier launch on this stream (the check pass), so it is
-    // final for every block of every update launch, and uniform in a block.
-    const bool skip = a.skipped || (a.found_inf != nullptr && *a.found_inf != 0.f);
+    // final for every block, and uniform in a block.
+    const float found = a.found_inf != nullptr ? *a.found_inf : 0.f;
+    const float lr32 = a.lr_f32 != nullptr ? *a.lr_f32 : 0.f;
+    const double lr64 = a.lr_f64 != nullptr ? *a.lr_f64 : 0.0;
+    const float scale = a.grad_scale != nullptr ? *a.grad_scale : 1.f;
+    const float coef = a.clip_coef != nullptr ? *a.clip_coef : 1.f;
+    // Read before any block of this tensor may advance it (NOTE: [step
+    // counters]), so every block sees the value from before the call.
+    const float step = kMomentum ? *c.step : 1.f;
+
+    const bool skip = a.skipped || found != 0.f;
+    if constexpr (kMomentum) {
+      if (c.ticket != nullptr && !skip) advance_step_when_last(c);
+    }
     if (skip && !a.write_grad) return;
-    const double lr = a.lr_f32 != nullptr   ? static_cast<double>(*a.lr_f32)
-                      : a.lr_f64 != nullptr ? *a.lr_f64
+    const double lr = a.lr_f32 != nullptr   ? static_cast<double>(lr32)
+                      : a.lr_f64 != nullptr ? lr64
                                             : a.lr;
     double grad_mul = a.grad_factor;
-    if (a.grad_scale != nullptr) grad_mul *= inv_scale(*a.grad_scale);
-    const double clip = a.clip_coef != nullptr ? static_cast<double>(*a.clip_coef) : a.clip;
+    if (a.grad_scale != nullptr) grad_mul *= inv_scale(scale);
+    const double clip = a.clip_coef != nullptr ? static_cast<double>(coef) : a.clip;
     const SgdHyper<op_t> h{static_cast<op_t>(lr),
                            static_cast<op_t>(a.weight_decay),
                            static_cast<op_t>(a.momentum),
@@ -80,7 +96,8 @@ struct SgdFunctor {
     // Writing g * 1 back would only cost bandwidth.
     const unsigned grad_bit =
         a.write_grad && (h.scale_grad || h.clip_grad) ? 0b010u : 0u;
-    scalar_t* const grads = static_cast<scalar_t*>(meta.addresses[1][slot]) + start;
+    const int64_t n = c.n;
+    scalar_t* const grads = static_cast<scalar_t*>(c.addresses[1]) + c.start;
     if (skip) {
       // As torch's GradScaler leaves a skipped step: grads unscaled, nothing
       // else touched.
@@ -91,13 +108,10 @@ struct SgdFunctor {
       return;
     }
     if constexpr (kMomentum) {
-      // Read here, advanced only by a later launch (see NOTE: [step
-      // counters]), so every block of a tensor, in whichever launch of this
-      // call, sees the value from before the call.
-      const bool first = *meta.steps[slot] == 0.f;
+      const bool first = step == 0.f;
       scalar_t* const ptrs[3] = {
-          static_cast<scalar_t*>(meta.addresses[0][slot]) + start, grads,
-          static_cast<scalar_t*>(meta.addresses[2][slot]) + start};
+          static_cast<scalar_t*>(c.addresses[0]) + c.start, grads,
+          static_cast<scalar_t*>(c.addresses[2]) + c.start};
       auto op = [&](op_t (&r)[3]) {
         r[1] = unscaled_grad<op_t, op_t>(r[1], h);
         r[0] = sgd_math<op_t, op_t>(r[0], r[1], r[2], first, h);
@@ -106,7 +120,7 @@ struct SgdFunctor {
       for_each_element<3>(ptrs, n, first ? 0b011u : 0b111u, 0b101u | grad_bit, op);
     } else {
       scalar_t* const ptrs[2] = {
-          static_cast<scalar_t*>(meta.addresses[0][slot]) + start, grads};
+          static_cast<scalar_t*>(c.addresses[0]) + c.start, grads};
       auto op = [&](op_t (&r)[2]) {
         op_t unused = op_t(0);
         r[1] = unscaled_grad<op_t, op_t>(r[1], h);
@@ -115,45 +129,79 @@ struct SgdFunctor {
       for_each_element<2>(ptrs, n, 0b11u, 0b01u | grad_bit, op);
     }
   }
+
+  // Table mode: the last block of a tensor to have read its step counter
+  // advances it and resets the tensor's ticket for the next call.
+  __device__ __forceinline__ static void advance_step_when_last(const Chunk<kDepth>& c) {
+    __syncthreads();  // every thread of this block has read *c.step
+    if (threadIdx.x == 0) {
+      __threadfence();
+      if (atomicAdd(c.ticket, 1u) == static_cast<unsigned>(c.chunks - 1)) {
+        *c.ticket = 0u;
+        atomicAdd(c.step, 1.f);
+      }
+    }
+  }
 };
 
-// Step counters advanced per launch; the table is the kernel argument
-// (3.9 KB < 4 KB), as in NOTE: [by-value metadata].
-inline constexpr int kStepsPerLaunch = 480;
+// Step counters advanced by a by-value launch; the table is the kernel
+// argument (NOTE: [by-value metadata]).
+template <int kCount>
 struct StepList {
-  float* ptr[kStepsPerLaunch];
+  float* ptr[kCount];
   int count;
 };
-static_assert(sizeof(StepList) + sizeof(float*) <= kMaxKernelArgBytes);
 
-__global__ void advance_steps_kernel(const __grid_constant__ StepList list,
-                                     const float* found_inf) {
-  const int i = static_cast<int>(threadIdx.x);
-  if (i >= list.count) return;
+template <int kCount>
+__global__ void __launch_bounds__(kBlockSize)
+    advance_steps_kernel(FASTACCUM_GRID_PARAM(StepList<kCount>) list,
+                         const float* found_inf) {
   if (found_inf != nullptr && *found_inf != 0.f) return;
   // Atomic so that a counter listed twice is advanced twice, as on the CPU.
-  atomicAdd(list.ptr[i], 1.f);
+  for (int i = static_cast<int>(threadIdx.x); i < list.count; i += static_cast<int>(blockDim.x))
+    atomicAdd(list.ptr[i], 1.f);
+}
+
+template <size_t kArgBytes>
+void advance_steps_within(float* const* steps, size_t count,
+                          const float* found_inf, cudaStream_t stream) {
+  constexpr int kCount = static_cast<int>(plan::steps_per_launch(kArgBytes));
+  static_assert(sizeof(StepList<kCount>) + sizeof(float*) <= kArgBytes);
+  thread_local StepList<kCount> list{};
+  for (size_t begin = 0; begin < count; begin += kCount) {
+    const size_t end = std::min(count, begin + static_cast<size_t>(kCount));
+    list.count = static_cast<int>(end - begin);
+    for (size_t i = begin; i < end; ++i) list.ptr[i - begin] = steps[i];
+    launch_kernel(&advance_steps_kernel<kCount>, 1u,
+                  static_cast<unsigned>(kBlockSize), stream, list, found_inf);
+  }
 }
 
 // NOTE: [step counters]
 // steps[i] == 0 selects b = g in the update, so no update block may see an
-// advanced counter: blocks of one tensor run unordered, and a tensor cut
-// between two launches is read by both. The counters are therefore advanced
-// by a separate launch after the last update launch, stream-ordered behind
-// all of them, and under the same found_inf condition. Its table holds 480
-// pointers per launch (10x what a depth-1 multi_tensor_apply launch would),
-// so this costs ceil(n / 480) tiny launches per call.
+// advanced counter: blocks of one tensor run unordered, and in by-value mode
+// a tensor cut between two launches is read by both.
+// * Table mode: each block reads the counter, then takes a ticket of its
+//   tensor; the block that takes the last one advances it (all the others
+//   have read it by then), inside the update launch.
+// * By value: a separate launch after the last update launch, stream-ordered
+//   behind all of them, under the same found_inf condition;
+//   plan::steps_per_launch counters per launch.
 inline void advance_steps(float* const* steps, size_t count,
-                          const float* found_inf, cudaStream_t stream) {
-  StepList list{};
-  for (size_t begin = 0; begin < count; begin += kStepsPerLaunch) {
-    const size_t end = std::min(count, begin + kStepsPerLaunch);
-    list.count = static_cast<int>(end - begin);
-    for (size_t i = begin; i < end; ++i) list.ptr[i - begin] = steps[i];
-    launch_kernel(&advance_steps_kernel, 1u,
-                  static_cast<unsigned>(kStepsPerLaunch), stream, list,
-                  found_inf);
+                          const float* found_inf, size_t arg_bytes,
+                          cudaStream_t stream) {
+  if (arg_bytes >= plan::kLargeArgBytes) {
+    if constexpr (kLargeArgsBuilt) {
+      advance_steps_within<plan::kLargeArgBytes>(steps, count, found_inf, stream);
+      return;
+    }
+  } else {
+    if constexpr (kSmallArgsBuilt) {
+      advance_steps_within<plan::kSmallArgBytes>(steps, count, found_inf, stream);
+      return;
+    }
   }
+  throw std::invalid_argument("fastaccum: no step-counter kernels for this budget");
 }
 
 // The device addresses of one fused_sgd_ call: `count` tensors per list,
@@ -167,11 +215,12 @@ struct SgdLists {
   float* const* steps = nullptr;
 };
 
-// All launches of one fused_sgd_ call on `stream`: the update (reversed or
-// not, see NOTE: [launch plan]), then, with momentum, the step counters.
+// All launches of one fused_sgd_ call on `stream` (NOTE: [launch modes]):
+// the update (reversed or not, see NOTE: [launch plan]), then in by-value
+// mode with momentum the step counters.
 template <typename scalar_t>
 void fused_sgd_launch(const SgdLists& l, const SgdArgsDevice& a, bool reverse,
-                      cudaStream_t stream) {
+                      const LaunchMode& mode, cudaStream_t stream) {
   if (l.count == 0) return;
   if (a.momentum != 0.0) {
     TensorLists<3> lists;
@@ -181,17 +230,27 @@ void fused_sgd_launch(const SgdLists& l, const SgdArgsDevice& a, bool reverse,
     lists.addresses[2] = l.momentum;
     lists.numels = l.numels;
     lists.steps = l.steps;
-    multi_tensor_apply<3, true>(lists, reverse, stream,
-                                SgdFunctor<scalar_t, true>{a});
-    if (!a.skipped) advance_steps(l.steps, l.count, a.found_inf, stream);
+    const SgdFunctor<scalar_t, true> functor{a};
+    if (mode.tables != nullptr) {
+      const TableRef t = upload_table(lists, reverse, false, kUpdateMomentumTable, *mode.tables);
+      multi_tensor_apply_table<3>(t, stream, functor);
+      return;
+    }
+    multi_tensor_apply_by_value<3, true>(lists, reverse, mode.arg_bytes, stream, functor);
+    if (!a.skipped) advance_steps(l.steps, l.count, a.found_inf, mode.arg_bytes, stream);
   } else {
     TensorLists<2> lists;
     lists.count = l.count;
     lists.addresses[0] = l.params;
     lists.addresses[1] = l.grads;
     lists.numels = l.numels;
-    multi_tensor_apply<2, false>(lists, reverse, stream,
-                                 SgdFunctor<scalar_t, false>{a});
+    const SgdFunctor<scalar_t, false> functor{a};
+    if (mode.tables != nullptr) {
+      const TableRef t = upload_table(lists, reverse, false, kUpdateTable, *mode.tables);
+      multi_tensor_apply_table<2>(t, stream, functor);
+      return;
+    }
+    multi_tensor_apply_by_value<2, false>(lists, reverse, mode.arg_bytes, stream, functor);
   }
 }
 

@@ -2,7 +2,7 @@
 // (semantics: csrc/cpu/nonfinite_check_cpu.cpp, NOTE: [op contract] in
 // csrc/ops.cpp): argument checks, a host-side scale, dtype dispatch; the
 // kernel is nonfinite_check_kernel.cuh. One pass over the gradients, forward
-// order; no host sync.
+// order (one launch, NOTE: [launch modes]); no host sync.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../check_inputs.h"
+#include "launch_mode.h"
 #include "nonfinite_check_kernel.cuh"
 #include "tensor_addresses.h"
 
@@ -41,11 +42,13 @@ void check_impl(at::TensorList grads, const at::Tensor& found_inf,
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream =
       c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  TorchTableSource tables(device, stream);
+  const LaunchMode mode = launch_mode_for(device, stream, &tables);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grads[0].scalar_type(),
       "fastaccum_check_cuda", [&] {
         nonfinite_check_launch<scalar_t>(grads.size(), ptrs.data(),
-                                         sizes.data(), a, write, stream);
+                                         sizes.data(), a, write, mode, stream);
       });
 }
 

@@ -35,9 +35,7 @@ template <typename scalar_t, bool kWrite>
 struct CheckFunctor {
   CheckArgs a;
 
-  template <typename Meta>
-  __device__ __forceinline__ void operator()(const Meta& meta, int slot,
-                                             int64_t start, int64_t n) const {
+  __device__ __forceinline__ void operator()(const Chunk<1>& c) const {
     using op_t = opmath_t<scalar_t>;
     op_t mul = op_t(1);
     if constexpr (kWrite) {
@@ -47,8 +45,8 @@ struct CheckFunctor {
       mul = static_cast<op_t>(m);
     }
     const bool want_sumsq = a.sumsq != nullptr;
-    scalar_t* const ptrs[1] = {static_cast<scalar_t*>(meta.addresses[0][slot]) +
-                               start};
+    const int64_t n = c.n;
+    scalar_t* const ptrs[1] = {static_cast<scalar_t*>(c.addresses[0]) + c.start};
     op_t probe = op_t(0);
     op_t sq = op_t(0);
     auto op = [&](op_t (&r)[1]) {
@@ -67,21 +65,29 @@ struct CheckFunctor {
 };
 
 // One pass over `count` gradients at `grads` (numels in `numels`), forward
-// order, on `stream`. `write` selects the unscale variant.
+// order, on `stream`: one launch in table mode (NOTE: [launch modes]).
+// `write` selects the unscale variant.
 template <typename scalar_t>
 void nonfinite_check_launch(size_t count, void* const* grads,
                             const int64_t* numels, const CheckArgs& a,
-                            bool write, cudaStream_t stream) {
+                            bool write, const LaunchMode& mode,
+                            cudaStream_t stream) {
   TensorLists<1> lists;
   lists.count = count;
   lists.addresses[0] = grads;
   lists.numels = numels;
+  auto run = [&](const auto& functor) {
+    if (mode.tables != nullptr) {
+      const TableRef t = upload_table(lists, false, false, kCheckTable, *mode.tables);
+      multi_tensor_apply_table<1>(t, stream, functor);
+    } else {
+      multi_tensor_apply_by_value<1, false>(lists, false, mode.arg_bytes, stream, functor);
+    }
+  };
   if (write) {
-    multi_tensor_apply<1, false>(lists, /*reverse=*/false, stream,
-                                 CheckFunctor<scalar_t, true>{a});
+    run(CheckFunctor<scalar_t, true>{a});
   } else {  // grad_scale and factor are unused: nothing is unscaled
-    multi_tensor_apply<1, false>(lists, /*reverse=*/false, stream,
-                                 CheckFunctor<scalar_t, false>{a});
+    run(CheckFunctor<scalar_t, false>{a});
   }
 }
 

@@ -1,7 +1,8 @@
 // CUDA impl of fastaccum::norm_check_ (NOTE: [norm check] in csrc/ops.cpp):
 // argument checks, the partials workspace, dtype dispatch; the kernels are
-// norm_check_kernel.cuh. One read pass over the gradients plus one
-// one-block launch; no host sync (a CPU grad_scale is read on the host).
+// norm_check_kernel.cuh. One read pass over the gradients in one launch (by
+// value: plus a one-block launch); no host sync (a CPU grad_scale is read on
+// the host).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "../check_inputs.h"
+#include "launch_mode.h"
 #include "norm_check_kernel.cuh"
 #include "tensor_addresses.h"
 
@@ -51,23 +53,28 @@ void norm_check_cuda(at::TensorList grads, at::Tensor found_inf,
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream =
       c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  // Stream-ordered caching-allocator memory: no sync, and private to a graph
-  // while one is being captured.
-  const int64_t blocks = norm_partials_count(sizes.data(), sizes.size());
-  const at::Tensor partials = at::empty(
-      {blocks}, at::TensorOptions().dtype(at::kDouble).device(device));
-  a.partials = partials.mutable_data_ptr<double>();
+  TorchTableSource tables(device, stream);
+  const LaunchMode mode = launch_mode_for(device, stream, &tables);
+  // By value, the partials need a workspace: stream-ordered caching-allocator
+  // memory, private to the graph being captured. Table mode keeps them in
+  // the table's scratch.
+  at::Tensor partials;
+  if (mode.tables == nullptr) {
+    const int64_t blocks = norm_partials_count(sizes.data(), sizes.size());
+    partials = at::empty({blocks}, at::TensorOptions().dtype(at::kDouble).device(device));
+    a.partials = partials.mutable_data_ptr<double>();
+  }
   const auto dtype = grads.empty() ? at::kFloat : grads[0].scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, dtype, "fastaccum_norm_check_cuda", [&] {
         if (norm_out.scalar_type() == at::kDouble) {
           norm_check_launch<scalar_t, double>(
               grads.size(), ptrs.data(), sizes.data(), a,
-              norm_out.mutable_data_ptr<double>(), stream);
+              norm_out.mutable_data_ptr<double>(), mode, stream);
         } else {
           norm_check_launch<scalar_t, float>(
               grads.size(), ptrs.data(), sizes.data(), a,
-              norm_out.mutable_data_ptr<float>(), stream);
+              norm_out.mutable_data_ptr<float>(), mode, stream);
         }
       });
 }

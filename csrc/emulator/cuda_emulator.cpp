@@ -31,10 +31,10 @@ dim3 gridDim{1, 1, 1};
 namespace fastaccum::emu {
 namespace {
 
-// Room for a kernel frame that holds a by-value 4 KB metadata table twice
-// (the launch copy and the kernel's parameter) plus sanitizer redzones; a
-// guard page below turns an overflow into a fault. Small on purpose: ASan
-// clears a stack's shadow on every switch to it.
+// Room for a kernel frame and its by-value parameters (a metadata table is
+// a reference to the launch's one copy, FASTACCUM_GRID_PARAM) plus
+// sanitizer redzones; a guard page below turns an overflow into a fault.
+// Small on purpose: ASan clears a stack's shadow on every switch to it.
 constexpr size_t kStackBytes = 64 * 1024;
 
 enum class State { kRunnable, kAtBlockBarrier, kAtWarpBarrier, kDone };

@@ -19,7 +19,9 @@
 //   threads wait at different barriers, when a thread exits while others
 //   wait at a barrier (or reaches one after another exited), and when no
 //   thread can run (deadlock).
-// * Kernel arguments are copied at launch, as the driver does.
+// * Kernel arguments are copied at launch, as the driver does; a parameter
+//   declared FASTACCUM_GRID_PARAM is then passed to every thread by reference
+//   to that one copy (__grid_constant__ on the GPU).
 // * __shared__ is `static`: one copy per kernel instantiation, left stale
 //   from the block before, as uninitialised shared memory is on a GPU.
 // * What it does not model: memory ordering between threads (every access is
@@ -82,9 +84,14 @@ inline double2 make_double2(double x, double y) { return {x, y}; }
 inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
-// Read-only cache load: a plain load here.
+// Read-only cache load, and a load that skips L1 (for data other blocks
+// wrote during the launch): plain loads here.
 template <typename T>
 inline T __ldg(const T* p) {
+  return *p;
+}
+template <typename T>
+inline T __ldcg(const T* p) {
   return *p;
 }
 
@@ -192,6 +199,10 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = warpSize,
   return fastaccum::emu::shuffle_value(fastaccum::emu::Shuffle::kXor, mask, v,
                                        lane_mask, width, site);
 }
+
+// A fence orders nothing here (every access is sequentially consistent); it
+// is a preemption point, so the threads around it interleave either way.
+inline void __threadfence() { fastaccum::emu::preempt(); }
 
 // Atomics: one fiber runs at a time, so a read-modify-write is atomic; each
 // is also a preemption point, so the order of atomics across threads varies

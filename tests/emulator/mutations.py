@@ -38,8 +38,9 @@ class Mutation:
     program: str
 
 
-ADVANCE = "    advance_steps(l.steps, l.count, a.found_inf, stream);\n"
-UPDATE_CALL = "    multi_tensor_apply<3, true>(lists, reverse, stream,\n"
+ADVANCE = "    if (!a.skipped) advance_steps(l.steps, l.count, a.found_inf, mode.arg_bytes, stream);\n"
+UPDATE_CALL = "    multi_tensor_apply_by_value<3, true>(lists, reverse, mode.arg_bytes, stream, functor);\n"
+READ_STEP = "    const float step = kMomentum ? *c.step : 1.f;\n"
 
 MUTATIONS = [
     Mutation(
@@ -70,8 +71,8 @@ MUTATIONS = [
         "alignment_test_skipped",
         "the 16-byte alignment test is skipped: misaligned lists take the vector path",
         "csrc/cuda/chunk_loop.cuh",
-        "aligned &= reinterpret_cast<uintptr_t>(ptrs[d]) % kVecBytes == 0;",
-        "(void)ptrs;",
+        "    if ((mask >> d) & 1u) bits |= reinterpret_cast<uintptr_t>(ptrs[d]);",
+        "    if ((mask >> d) & 1u) (void)ptrs[d];",
         "test_fused_sgd_kernel",
     ),
     Mutation(
@@ -84,12 +85,67 @@ MUTATIONS = [
     ),
     Mutation(
         "steps_advanced_inside_update",
-        "each tensor's first chunk advances its step counter inside the update kernel",
+        "by value, each tensor's first chunk advances its step counter inside the update kernel",
         "csrc/cuda/fused_sgd_kernel.cuh",
-        "      const bool first = *meta.steps[slot] == 0.f;\n",
-        "      const bool first = *meta.steps[slot] == 0.f;\n"
-        "      if (start == 0 && threadIdx.x == 0) atomicAdd(const_cast<float*>(meta.steps[slot]), 1.f);\n",
+        READ_STEP,
+        READ_STEP + "    if (kMomentum && c.ticket == nullptr && c.start == 0 && threadIdx.x == 0) atomicAdd(c.step, 1.f);\n",
         "test_fused_sgd_kernel",
+    ),
+    Mutation(
+        "ticket_before_every_read",
+        "table mode: a block takes its tensor's ticket without waiting for all its threads to read the counter",
+        "csrc/cuda/fused_sgd_kernel.cuh",
+        "    __syncthreads();  // every thread of this block has read *c.step\n",
+        "",
+        "test_fused_sgd_kernel",
+    ),
+    Mutation(
+        "last_ticket_off_by_one",
+        "table mode: the counter is advanced by the block that takes the second-to-last ticket",
+        "csrc/cuda/fused_sgd_kernel.cuh",
+        "if (atomicAdd(c.ticket, 1u) == static_cast<unsigned>(c.chunks - 1)) {",
+        "if (atomicAdd(c.ticket, 1u) + 2u == static_cast<unsigned>(c.chunks)) {",
+        "test_fused_sgd_kernel",
+    ),
+    Mutation(
+        "ticket_not_reset",
+        "table mode: the last block leaves its tensor's ticket at the block count",
+        "csrc/cuda/fused_sgd_kernel.cuh",
+        "        *c.ticket = 0u;\n",
+        "",
+        "test_fused_sgd_kernel",
+    ),
+    Mutation(
+        "empty_tensor_no_block",
+        "table mode: an empty tensor gets no block, so its step counter never advances",
+        "csrc/launch_plan.h",
+        "  return numel == 0 ? (empty_gets_block ? 1 : 0) : (numel - 1) / kChunkSize + 1;",
+        "  return numel == 0 ? 0 : (numel - 1) / kChunkSize + 1;",
+        "test_fused_sgd_kernel",
+    ),
+    Mutation(
+        "table_cache_ignores_contents",
+        "the table cache reuses a table whose pointers changed",
+        "csrc/cuda/launch_table.h",
+        "e->buffer.bytes() >= total && e->mirror == content) {",
+        "e->buffer.bytes() >= total) {",
+        "test_fused_sgd_kernel",
+    ),
+    Mutation(
+        "norm_last_block_never_finishes",
+        "table mode: no block of the norm pass recognises itself as the last",
+        "csrc/cuda/norm_check_kernel.cuh",
+        "last = atomicAdd(a.done, 1u) == gridDim.x - 1u ? 1u : 0u;",
+        "last = atomicAdd(a.done, 1u) == gridDim.x ? 1u : 0u;",
+        "test_norm_check_kernel",
+    ),
+    Mutation(
+        "norm_ticket_not_reset",
+        "table mode: the norm's call ticket is not reset, so the next call never finishes",
+        "csrc/cuda/norm_check_kernel.cuh",
+        "      *a.done = 0u;  // ready for the next call\n",
+        "",
+        "test_norm_check_kernel",
     ),
     Mutation(
         "clip_not_written_back",
@@ -114,6 +170,38 @@ MUTATIONS = [
         "for (int64_t i = threadIdx.x; i < count; i += blockDim.x)",
         "for (int64_t i = threadIdx.x; i + 1 < count; i += blockDim.x)",
         "test_norm_check_kernel",
+    ),
+    Mutation(
+        "eight_byte_packs_on_4_byte_alignment",
+        "lists only 4-byte aligned take the 8-byte pack path",
+        "csrc/cuda/chunk_loop.cuh",
+        "  if (sizeof(scalar_t) < 8 && bits % 8 == 0) return 8;",
+        "  if (sizeof(scalar_t) < 8 && bits % 4 == 0) return 8;",
+        "test_chunk_loop",
+    ),
+    Mutation(
+        "partial_trip_unbounded",
+        "the last, partial trip of packs runs as a full one: packs past the end are loaded and stored",
+        "csrc/cuda/chunk_loop.cuh",
+        "    for (; v < full; v += stride * kPacks)",
+        "    for (; v < packs; v += stride * kPacks)",
+        "test_chunk_loop",
+    ),
+    Mutation(
+        "store_only_list_alignment_ignored",
+        "the pack width is chosen from the loaded lists alone: a misaligned store-only list gets packs",
+        "csrc/cuda/chunk_loop.cuh",
+        "vector_bytes(ptrs, load | store)",
+        "vector_bytes(ptrs, load)",
+        "test_chunk_loop",
+    ),
+    Mutation(
+        "eight_byte_path_dropped",
+        "8-byte-aligned half and fp32 lists go to the scalar loop (right values, other threads)",
+        "csrc/cuda/chunk_loop.cuh",
+        "    if (bytes == 8) done = pack_loop<8, kPacks>(ptrs, n, load, store, op);",
+        "    (void)bytes;",
+        "test_chunk_loop",
     ),
 ]
 

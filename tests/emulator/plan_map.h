@@ -18,11 +18,26 @@ struct BlockTarget {
   int64_t chunk;
 };
 
+// The blocks of each launch of one pass: in table mode one launch, whose
+// blocks for_each_block enumerates (empty tensors get one with step
+// counters); by value, the plan's launches within the budget `arg_bytes`.
 inline std::vector<std::vector<BlockTarget>> plan_blocks(const std::vector<int64_t>& numels,
-                                                         int depth, bool reverse) {
+                                                         int depth, bool reverse,
+                                                         bool table = false,
+                                                         size_t arg_bytes = fastaccum::plan::kSmallArgBytes,
+                                                         bool with_steps = false) {
   std::vector<std::vector<BlockTarget>> launches;
+  if (table) {
+    std::vector<BlockTarget> blocks;
+    fastaccum::plan::for_each_block(numels.data(), numels.size(), reverse, with_steps,
+                                    [&](size_t t, int32_t chunk) {
+                                      blocks.push_back({static_cast<int64_t>(t), chunk});
+                                    });
+    if (!blocks.empty()) launches.push_back(std::move(blocks));
+    return launches;
+  }
   fastaccum::plan::for_each_launch(
-      numels, fastaccum::plan::capacity_for_depth(depth), reverse,
+      numels, fastaccum::plan::capacity_for_depth(depth, arg_bytes), reverse,
       [&](const fastaccum::plan::Launch& l) {
         std::vector<BlockTarget> blocks;
         for (const auto& b : l.blocks) blocks.push_back({l.slots[b.slot].tensor, b.chunk});
@@ -36,8 +51,9 @@ inline std::vector<std::vector<BlockTarget>> plan_blocks(const std::vector<int64
 class ChunkFilter {
  public:
   ChunkFilter(const std::vector<int64_t>& numels, int depth, bool reverse,
-              std::function<bool(int64_t tensor, int64_t chunk)> active)
-      : launches_(plan_blocks(numels, depth, reverse)),
+              std::function<bool(int64_t tensor, int64_t chunk)> active, bool table = false,
+              size_t arg_bytes = fastaccum::plan::kSmallArgBytes, bool with_steps = false)
+      : launches_(plan_blocks(numels, depth, reverse, table, arg_bytes, with_steps)),
         first_launch_(fastaccum::emu::launch_count()) {
     fastaccum::emu::set_block_filter([this, active](size_t launch, unsigned block) {
       const size_t l = launch - first_launch_;

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 PROGRAMS = ("test_cuda_emulator", "test_fused_sgd_kernel", "test_nonfinite_check_kernel",
-            "test_norm_check_kernel")
+            "test_norm_check_kernel", "test_chunk_loop")
 RUNTIME = "csrc/emulator/cuda_emulator.cpp"
 
 # -O1 keeps the sanitizers fast enough; -ffp-contract=off keeps the kernels'

@@ -77,18 +77,19 @@ opmath_t<T> check_mul(double factor, const float* scale) {
 }
 
 // Calls visit(thread, i) for each element i of a chunk of n, in the order
-// NOTE: [chunk loop] gives each thread its elements: 16-byte packs when the
-// device address is 16-byte aligned (`vector_path`), then the strided tail.
+// NOTE: [chunk loop] gives each thread its elements: packs of `vector_bytes`
+// (vector_bytes() of the device address: 16, 8, or 0 for none) dealt
+// round-robin, then the strided tail.
 template <typename T, typename Visit>
-void chunk_order(int64_t n, bool vector_path, Visit&& visit) {
+void chunk_order(int64_t n, int vector_bytes, Visit&& visit) {
   using fastaccum::cuda::kBlockSize;
-  constexpr int kVec = fastaccum::cuda::kVecBytes / static_cast<int>(sizeof(T));
   int64_t done = 0;
-  if (vector_path) {
-    const int64_t packs = n / kVec;
+  if (vector_bytes > 0) {
+    const int64_t vec = vector_bytes / static_cast<int64_t>(sizeof(T));
+    const int64_t packs = n / vec;
     for (int64_t v = 0; v < packs; ++v)
-      for (int e = 0; e < kVec; ++e) visit(static_cast<int>(v % kBlockSize), v * kVec + e);
-    done = packs * kVec;
+      for (int64_t e = 0; e < vec; ++e) visit(static_cast<int>(v % kBlockSize), v * vec + e);
+    done = packs * vec;
   }
   for (int64_t base = done; base < n; base += int64_t{kBlockSize} * fastaccum::cuda::kIlp)
     for (int k = 0; k < fastaccum::cuda::kIlp; ++k)
@@ -145,12 +146,12 @@ struct BlockCheck {
 };
 
 template <typename T>
-BlockCheck<T> check_block_reference(const T* x, int64_t n, bool vector_path, opmath_t<T> mul,
+BlockCheck<T> check_block_reference(const T* x, int64_t n, int vector_bytes, opmath_t<T> mul,
                                     bool multiply) {
   using op_t = opmath_t<T>;
   std::vector<op_t> sum(fastaccum::cuda::kBlockSize, op_t(0));
   bool nonfinite = false;
-  chunk_order<T>(n, vector_path, [&](int thread, int64_t i) {
+  chunk_order<T>(n, vector_bytes, [&](int thread, int64_t i) {
     op_t v = static_cast<op_t>(x[i]);
     if (multiply) v = v * mul;
     if (fastaccum::is_nan(v * op_t(0))) nonfinite = true;
@@ -168,12 +169,12 @@ struct NormBlock {
 };
 
 template <typename T>
-NormBlock norm_block_reference(const T* x, int64_t n, bool vector_path, double mul,
+NormBlock norm_block_reference(const T* x, int64_t n, int vector_bytes, double mul,
                                bool inf_norm) {
   using op_t = opmath_t<T>;
   std::vector<op_t> acc(fastaccum::cuda::kBlockSize, op_t(0));
   bool nonfinite = false;
-  chunk_order<T>(n, vector_path, [&](int thread, int64_t i) {
+  chunk_order<T>(n, vector_bytes, [&](int thread, int64_t i) {
     op_t v = static_cast<op_t>(x[i]);
     if (mul != 1.0) v = static_cast<op_t>(static_cast<T>(v * static_cast<op_t>(mul)));
     if (fastaccum::is_nan(v * op_t(0))) nonfinite = true;

@@ -12,6 +12,7 @@
 
 #include "../../csrc/cuda/fused_sgd_kernel.cuh"
 #include "harness.h"
+#include "launch_modes.h"
 #include "plan_map.h"
 #include "reference.h"
 
@@ -102,7 +103,7 @@ bool runs(const TensorSpec& s, int64_t chunk) {
 template <typename T>
 void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, const Config& c,
              const Scalars& s, bool reverse, uint64_t seed, bool write_grad, bool flat = false,
-             const Clip* clip = nullptr) {
+             const Clip* clip = nullptr, const ModeSpec& mode = kTableMode) {
   const bool momentum = c.momentum != 0.0;
   const size_t count = specs.size();
   Rng rng(seed);
@@ -183,15 +184,26 @@ void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, con
   lists.numels = numels.data();
   lists.steps = momentum ? sa.data() : nullptr;
 
+  bool any_sparse = false;
+  for (const TensorSpec& t : specs) any_sparse |= t.sparse();
   {
     std::optional<ChunkFilter> filter;
-    bool any_sparse = false;
-    for (const TensorSpec& t : specs) any_sparse |= t.sparse();
     if (any_sparse)
       filter.emplace(numels, momentum ? 3 : 2, reverse,
-                     [&](int64_t t, int64_t chunk) { return runs(specs[t], chunk); });
-    fastaccum::cuda::fused_sgd_launch<T>(lists, a, reverse, nullptr);
+                     [&](int64_t t, int64_t chunk) { return runs(specs[t], chunk); }, mode.table,
+                     mode.arg_bytes, momentum);
+    const size_t before = fastaccum::emu::launch_count();
+    fastaccum::cuda::fused_sgd_launch<T>(lists, a, reverse, launch_mode(mode), nullptr);
+    const auto want = expected_launches(numels, momentum, mode);
+    const int64_t want_launches = want.update + (momentum ? want.steps : 0);
+    const auto made = static_cast<int64_t>(fastaccum::emu::launch_count() - before);
+    check(made == want_launches, label + " [" + mode.name + "]: " + std::to_string(made) +
+                                     " launches, count_launches says " +
+                                     std::to_string(want_launches));
   }
+  // Blocks the filter left out never took their tensors' tickets: drop the
+  // tables rather than let a later call reuse them.
+  if (any_sparse && mode.table) table_source().cache.clear();
 
   const bool skipped = s.found_inf > 0;
   const double lr_used = s.lr == Lr::kF32 ? static_cast<double>(static_cast<float>(lr)) : lr;
@@ -203,7 +215,7 @@ void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, con
     const size_t t = snap.tensor;
     sgd_reference(snap.p.data(), snap.g.data(), momentum ? snap.b.data() : nullptr, 0,
                   static_cast<int64_t>(snap.p.size()), specs[t].step == 0.f, h, write_grad, skipped);
-    const std::string where = label + " tensor " + std::to_string(t) + " (numel " +
+    const std::string where = label + " [" + mode.name + "] tensor " + std::to_string(t) + " (numel " +
                               std::to_string(specs[t].n) + ")";
     compare_bits(where + " params", P[t] + snap.lo, snap.p, snap.lo);
     compare_bits(where + (write_grad ? " grads (written back)" : " grads (read-only)"),
@@ -211,8 +223,11 @@ void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, con
     if (momentum) compare_bits(where + " momentum", B[t] + snap.lo, snap.b, snap.lo);
   }
   for (size_t t = 0; t < count; ++t) {
+    // In table mode the last block of a tensor advances its counter: a
+    // tensor whose blocks did not all run keeps its old count.
+    if (mode.table && specs[t].sparse()) continue;
     const float want = (momentum && !skipped) ? specs[t].step + 1.f : specs[t].step;
-    check(steps[t].value() == want, label + " step counter " + std::to_string(t) + ": got " +
+    check(steps[t].value() == want, label + " [" + mode.name + "] step counter " + std::to_string(t) + ": got " +
                                         std::to_string(steps[t].value()) + ", want " +
                                         std::to_string(want));
   }
@@ -263,58 +278,155 @@ void add_cases() {
       // Order and grad write-back alternate with different periods, so each
       // option meets both values of each.
       const bool reverse = (seed % 2) == 0;
-      const bool write_grad = (seed++ / 2) % 2 == 0;
+      const bool write_grad = (seed / 2) % 2 == 0;
+      // Table mode for two cases in three; each by-value budget for the rest.
+      const ModeSpec& mode = seed % 3 != 2 ? kTableMode : (seed / 3) % 2 ? kByValue4k : kByValue32k;
+      ++seed;
       const std::string name = "options/" + dt + "/" + c.name + "/" + s.name +
                                (reverse ? "/reverse" : "/forward") +
-                               (write_grad ? "/write_grads" : "");
-      add_case(name, [=] { run_sgd<T>(name, boundary_sizes(), c, s, reverse, seed, write_grad); });
+                               (write_grad ? "/write_grads" : "") + "/" + mode.name;
+      add_case(name, [=, &mode] {
+        run_sgd<T>(name, boundary_sizes(), c, s, reverse, seed, write_grad, false, nullptr, mode);
+      });
     }
-  for (const bool reverse : {false, true}) {
-    const std::string order = reverse ? "/reverse" : "/forward";
+  for (const bool reverse : {false, true})
+  for (const ModeSpec& mode : kModes) {
+    const std::string order = std::string(reverse ? "/reverse" : "/forward") + "/" + mode.name;
     {
       const std::string name = "first_update_nan_buffers/" + dt + order;
-      add_case(name, [=] {
-        run_sgd<T>(name, many_sizes(7, 130, 0.f), kConfigs[4], kScalars[1], reverse, 11, true);
+      add_case(name, [=, &mode] {
+        run_sgd<T>(name, many_sizes(7, 130, 0.f), kConfigs[4], kScalars[1], reverse, 11, true, false, nullptr, mode);
       });
     }
     {
       const std::string name = "flat_buffer_views/" + dt + order;
-      add_case(name, [=] {
-        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kScalars[1], reverse, 17, true, /*flat=*/true);
-        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kScalars[2], reverse, 18, false, true);
+      add_case(name, [=, &mode] {
+        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kScalars[1], reverse, 17, true, /*flat=*/true, nullptr, mode);
+        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kScalars[2], reverse, 18, false, true, nullptr, mode);
       });
     }
     {
       const std::string name = "found_inf_skips_everything/" + dt + order;
-      add_case(name, [=] {
-        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kSkip, reverse, 12, false);
-        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kSkip, reverse, 13, false);
+      add_case(name, [=, &mode] {
+        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kSkip, reverse, 12, false, false, nullptr, mode);
+        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kSkip, reverse, 13, false, false, nullptr, mode);
       });
     }
     {
       // The only writes of a skipped step: the grads, unscaled.
       const std::string name = "found_inf_unscales_grads_only/" + dt + order;
-      add_case(name, [=] {
-        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kSkip, reverse, 19, true);
-        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kSkip, reverse, 20, true);
+      add_case(name, [=, &mode] {
+        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kSkip, reverse, 19, true, false, nullptr, mode);
+        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kSkip, reverse, 20, true, false, nullptr, mode);
       });
     }
     {
       const std::string name = "many_tensors/" + dt + order;
-      add_case(name, [=] {
-        run_sgd<T>(name, many_sizes(8, 500, -1.f), kConfigs[3], kScalars[3], reverse, 14, true);
+      add_case(name, [=, &mode] {
+        run_sgd<T>(name, many_sizes(8, 500, -1.f), kConfigs[3], kScalars[3], reverse, 14, true, false, nullptr, mode);
       });
     }
     {
       // One tensor of 322 chunks: the 320-block limit cuts it, and its
       // first and last chunks run on both sides of the cut.
       const std::string name = "block_limit_cut/" + dt + order;
-      add_case(name, [=] {
+      add_case(name, [=, &mode] {
         std::vector<TensorSpec> s = {{5}, {322 * kChunk - 9, {1, 0, 0}, 0.f, {0, 1, 2, 3, 316, 317, 318, 319, 320, 321}}, {77}};
-        run_sgd<T>(name, s, kConfigs[2], kScalars[1], reverse, 15, true);
+        run_sgd<T>(name, s, kConfigs[2], kScalars[1], reverse, 15, true, false, nullptr, mode);
       });
     }
   }
+}
+
+// NOTE: [table cache] at work: one set of tensors stepped three times in
+// table mode. The second call finds its table (no upload) with every ticket
+// back at 0, so its step counters advance again; new grad addresses upload
+// the table into the same buffer; another stream gets a table of its own.
+template <typename T>
+void run_table_reuse(const std::string& label) {
+  const Config& c = kConfigs[3];
+  const std::vector<TensorSpec> specs = boundary_sizes();
+  const size_t count = specs.size();
+  Rng rng(41);
+  std::vector<typename TensorMemory<T>::Spec> ls[3];
+  std::vector<int64_t> numels;
+  std::vector<Scalar<float>> steps;
+  for (const TensorSpec& t : specs) {
+    for (int d = 0; d < 3; ++d) ls[d].push_back({t.n, t.misalign[d], false});
+    numels.push_back(t.n);
+    steps.emplace_back(t.step);
+  }
+  const TensorMemory<T> P(ls[0], false), G(ls[1], false), G2(ls[1], false), B(ls[2], false);
+  // G2: other grads at other addresses, for calls 3 and 4.
+  std::vector<std::vector<T>> p(count), g(count), g2(count), b(count);
+  const T nan = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
+  for (size_t t = 0; t < count; ++t)
+    for (int64_t i = 0; i < specs[t].n; ++i) {
+      P[t][i] = static_cast<T>(rng.value());
+      G[t][i] = static_cast<T>(rng.value(64.0));
+      G2[t][i] = static_cast<T>(rng.value(64.0));
+      B[t][i] = specs[t].step == 0.f ? nan : static_cast<T>(rng.value());
+      p[t].push_back(P[t][i]);
+      g[t].push_back(G[t][i]);
+      g2[t].push_back(G2[t][i]);
+      b[t].push_back(B[t][i]);
+    }
+  SgdArgsDevice a{0.05,       nullptr, nullptr,  c.weight_decay, c.momentum, 1.0 - c.dampening,
+                  0.5,        nullptr, nullptr,  c.nesterov,     c.maximize, false,
+                  false};
+  std::vector<void*> pa(count), ga(count), ga2(count), ba(count);
+  std::vector<float*> sa(count);
+  for (size_t t = 0; t < count; ++t) {
+    pa[t] = P[t];
+    ga[t] = G[t];
+    ga2[t] = G2[t];
+    ba[t] = B[t];
+    sa[t] = steps[t].ptr();
+  }
+  SgdLists lists;
+  lists.count = count;
+  lists.params = pa.data();
+  lists.grads = ga.data();
+  lists.momentum = ba.data();
+  lists.numels = numels.data();
+  lists.steps = sa.data();
+  const auto h = sgd_hyper<T>(0.05, c.weight_decay, c.momentum, c.dampening, c.nesterov,
+                              c.maximize, 0.5, nullptr, false, 1.0);
+
+  HostTableSource& src = table_source();
+  src.cache.clear();
+  src.stream = 1;
+  struct Want {
+    int64_t uploads, hits, allocations;
+  };
+  const Want wants[4] = {{1, 0, 1}, {1, 1, 1}, {2, 1, 1}, {3, 1, 2}};
+  const auto base = src.cache.stats();
+  for (int call = 0; call < 4; ++call) {
+    if (call == 2) lists.grads = ga2.data();
+    if (call == 3) src.stream = 2;
+    const size_t before = fastaccum::emu::launch_count();
+    fastaccum::cuda::fused_sgd_launch<T>(lists, a, false, launch_mode(kTableMode), nullptr);
+    const std::string at = label + " call " + std::to_string(call + 1);
+    check(fastaccum::emu::launch_count() - before == 1, at + ": one launch");
+    const auto st = src.cache.stats();
+    check(st.uploads - base.uploads == wants[call].uploads &&
+              st.hits - base.hits == wants[call].hits &&
+              st.allocations - base.allocations == wants[call].allocations,
+          at + ": uploads/hits/allocations " + std::to_string(st.uploads - base.uploads) + "/" +
+              std::to_string(st.hits - base.hits) + "/" +
+              std::to_string(st.allocations - base.allocations));
+    for (size_t t = 0; t < count; ++t) {
+      const bool first = specs[t].step + static_cast<float>(call) == 0.f;
+      sgd_reference(p[t].data(), (call < 2 ? g : g2)[t].data(), b[t].data(), 0, specs[t].n, first, h,
+                    false, false);
+      const std::string where = at + " tensor " + std::to_string(t);
+      compare_bits(where + " params", P[t], p[t], 0);
+      compare_bits(where + " momentum", B[t], b[t], 0);
+      const float want = specs[t].step + static_cast<float>(call + 1);
+      check(steps[t].value() == want, where + " step counter " + std::to_string(steps[t].value()));
+    }
+  }
+  src.stream = 1;
 }
 
 // Clipping on its own (grad_mul 1: only the clip decides the grad write-back),
@@ -354,13 +466,15 @@ void add_huge_cases() {
   const std::string dt = type_name<T>();
   const int64_t n = (int64_t{1} << 31) + 777;
   const int64_t last = (n - 1) / kChunk;
-  for (const bool reverse : {false, true}) {
-    const std::string name = std::string("over_2^31_elements/") + dt + (reverse ? "/reverse" : "/forward");
-    add_case(name, [=] {
-      std::vector<TensorSpec> s = {{3}, {n, {0, 0, 0}, 0.f, {0, last - 2, last - 1, last}}, {11}};
-      run_sgd<T>(name, s, kConfigs[4], kScalars[1], reverse, 16, true);
-    });
-  }
+  for (const bool reverse : {false, true})
+    for (const ModeSpec& mode : kModes) {
+      const std::string name = std::string("over_2^31_elements/") + dt +
+                               (reverse ? "/reverse/" : "/forward/") + mode.name;
+      add_case(name, [=, &mode] {
+        std::vector<TensorSpec> s = {{3}, {n, {0, 0, 0}, 0.f, {0, last - 2, last - 1, last}}, {11}};
+        run_sgd<T>(name, s, kConfigs[4], kScalars[1], reverse, 16, true, false, nullptr, mode);
+      });
+    }
 }
 
 }  // namespace
@@ -369,6 +483,9 @@ int main(int argc, char** argv) {
   emutest::for_each_dtype([](auto v) {
     add_cases<decltype(v)>();
     add_clip_cases<decltype(v)>();
+    using T = decltype(v);
+    const std::string name = std::string("table_reuse/") + type_name<T>();
+    emutest::add_case(name, [name] { run_table_reuse<T>(name); });
   });
   add_huge_cases<float>();
   add_huge_cases<c10::Half>();

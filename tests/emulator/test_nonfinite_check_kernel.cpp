@@ -5,6 +5,7 @@
 // Built and run by tests/test_cuda_kernels_emulated.py.
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <optional>
 #include <string>
@@ -14,6 +15,7 @@
 #include "../../csrc/cuda/nonfinite_check_kernel.cuh"
 #include "check_specs.h"
 #include "harness.h"
+#include "launch_modes.h"
 #include "plan_map.h"
 #include "reference.h"
 
@@ -38,7 +40,8 @@ const Mode kUnscaleFactor = {"unscale_factor", true, false, 1.f, 1.0 / 3.0};
 
 template <typename T>
 void run_check(const std::string& label, const std::vector<TensorSpec>& specs, const Mode& m,
-               const std::vector<Plant>& plants, bool want_sumsq, uint64_t seed, bool flat = false) {
+               const std::vector<Plant>& plants, bool want_sumsq, uint64_t seed, bool flat = false,
+               const ModeSpec& mode = kTableMode) {
   const size_t count = specs.size();
   Rng rng(seed);
   std::vector<typename TensorMemory<T>::Spec> list_spec;
@@ -83,9 +86,15 @@ void run_check(const std::string& label, const std::vector<TensorSpec>& specs, c
   {
     std::optional<ChunkFilter> filter;
     if (std::any_of(specs.begin(), specs.end(), [](const TensorSpec& t) { return t.sparse(); }))
-      filter.emplace(numels, 1, false, [&](int64_t t, int64_t c) { return runs(specs[t], c); });
+      filter.emplace(numels, 1, false, [&](int64_t t, int64_t c) { return runs(specs[t], c); },
+                     mode.table, mode.arg_bytes);
+    const size_t before = fastaccum::emu::launch_count();
     fastaccum::cuda::nonfinite_check_launch<T>(count, ptrs.data(), numels.data(), a, m.write,
-                                               nullptr);
+                                               launch_mode(mode), nullptr);
+    const auto made = static_cast<int64_t>(fastaccum::emu::launch_count() - before);
+    const int64_t want = expected_launches(numels, false, mode).check;
+    check(made == want, label + " [" + mode.name + "]: " + std::to_string(made) +
+                            " launches, count_launches says " + std::to_string(want));
   }
   fastaccum::emu::set_atomic_logging(false);
 
@@ -96,9 +105,10 @@ void run_check(const std::string& label, const std::vector<TensorSpec>& specs, c
   for (const ChunkData& c : chunks) {
     const T* now = G[c.tensor] + c.lo;
     // The device address's alignment decides the kernel's order of additions.
-    const bool vector_path = reinterpret_cast<uintptr_t>(now) % fastaccum::cuda::kVecBytes == 0;
+    const T* const at[1] = {now};
+    const int vector_bytes = fastaccum::cuda::vector_bytes(at, 1u);
     const auto exact = check_block_reference<T>(c.before.data(), static_cast<int64_t>(c.before.size()),
-                                                vector_path, mul, m.write);
+                                                vector_bytes, mul, m.write);
     any_nonfinite |= exact.nonfinite;
     want_partials.push_back(exact.sumsq);
 
@@ -170,6 +180,20 @@ std::vector<TensorSpec> many_sizes(uint64_t seed) {
   return s;
 }
 
+// Each case runs in table mode and in one by-value budget, alternating; the
+// cases about the launch structure run in all three modes.
+inline void add_in_modes(const std::string& label, bool all_modes,
+                         std::function<void(const std::string&, const ModeSpec&)> run) {
+  static int turn = 0;
+  const ModeSpec& by_value = (turn++ % 2) ? kByValue4k : kByValue32k;
+  std::vector<const ModeSpec*> modes = {&kTableMode, &by_value};
+  if (all_modes) modes = {&kTableMode, &kByValue4k, &kByValue32k};
+  for (const ModeSpec* mode : modes) {
+    const std::string name = label + "/" + mode->name;
+    add_case(name, [=] { run(name, *mode); });
+  }
+}
+
 template <typename T>
 void add_cases() {
   const std::string dt = type_name<T>();
@@ -177,9 +201,12 @@ void add_cases() {
   const double nan = std::numeric_limits<double>::quiet_NaN();
   for (const Mode* m : {&kReadOnly, &kUnscale, &kUnscaleFactor}) {
     const std::string base = std::string(m->name) + "/" + dt;
-    add_case(base + "/clean", [=] { run_check<T>(base + "/clean", boundary_sizes(), *m, {}, true, 21); });
-    add_case(base + "/clean_no_sumsq",
-             [=] { run_check<T>(base + "/clean_no_sumsq", boundary_sizes(), *m, {}, false, 22); });
+    add_in_modes(base + "/clean", m == &kUnscale, [=](const std::string& l, const ModeSpec& mode) {
+      run_check<T>(l, boundary_sizes(), *m, {}, true, 21, false, mode);
+    });
+    add_in_modes(base + "/clean_no_sumsq", false, [=](const std::string& l, const ModeSpec& mode) {
+      run_check<T>(l, boundary_sizes(), *m, {}, false, 22, false, mode);
+    });
     // Non-finite values in the vector path, in the strided tail of a chunk,
     // in a misaligned tensor's scalar path, as the last element of a tail
     // chunk, and in a tensor of a later launch.
@@ -190,20 +217,21 @@ void add_cases() {
         {"last_element", {6, 2 * kChunk + 4, nan}},
     };
     for (const auto& [name, plant] : where) {
-      const std::string label = base + "/" + name;
-      add_case(label, [=] { run_check<T>(label, boundary_sizes(), *m, {plant}, true, 23); });
+      add_in_modes(base + "/" + name, false, [=](const std::string& l, const ModeSpec& mode) {
+        run_check<T>(l, boundary_sizes(), *m, {plant}, true, 23, false, mode);
+      });
     }
-    add_case(base + "/flat_buffer_views", [=] {
-      run_check<T>(base + "/flat_buffer_views", boundary_sizes(), *m, {}, true, 29, /*flat=*/true);
+    add_in_modes(base + "/flat_buffer_views", false, [=](const std::string& l, const ModeSpec& mode) {
+      run_check<T>(l, boundary_sizes(), *m, {}, true, 29, /*flat=*/true, mode);
     });
-    add_case(base + "/many_tensors_later_launch", [=] {
-      run_check<T>(base + "/many_tensors_later_launch", many_sizes(5), *m, {{125, 0, -inf}}, true, 24);
+    add_in_modes(base + "/many_tensors_later_launch", true, [=](const std::string& l, const ModeSpec& mode) {
+      run_check<T>(l, many_sizes(5), *m, {{125, 0, -inf}}, true, 24, false, mode);
     });
   }
   // Unscaling itself overflows: float(1/1e-40) is inf, so every element is.
   const Mode overflow = {"unscale_overflow", true, true, 1e-40f, 1.0};
-  add_case("unscale_overflow/" + dt, [=] {
-    run_check<T>("unscale_overflow/" + dt, {{7}, {70000, 1}}, overflow, {}, true, 26);
+  add_in_modes("unscale_overflow/" + dt, false, [=](const std::string& l, const ModeSpec& mode) {
+    run_check<T>(l, {{7}, {70000, 1}}, overflow, {}, true, 26, false, mode);
   });
 }
 
@@ -213,11 +241,11 @@ void add_huge_cases() {
   const std::string dt = type_name<T>();
   const int64_t n = (int64_t{1} << 31) + 4097;
   const int64_t last = (n - 1) / kChunk;
-  add_case("over_2^31_elements/" + dt, [=] {
+  add_in_modes("over_2^31_elements/" + dt, true, [=](const std::string& l, const ModeSpec& mode) {
     std::vector<TensorSpec> s = {{5}, {n, 0, {0, last - 2, last - 1, last}}, {9, 1}};
-    run_check<T>("over_2^31_elements/" + dt, s, kUnscale, {}, true, 27);
-    run_check<T>("over_2^31_elements/" + dt + "/inf_last", s, kReadOnly,
-                 {{1, n - 1, std::numeric_limits<double>::infinity()}}, true, 28);
+    run_check<T>(l, s, kUnscale, {}, true, 27, false, mode);
+    run_check<T>(l + "/inf_last", s, kReadOnly,
+                 {{1, n - 1, std::numeric_limits<double>::infinity()}}, true, 28, false, mode);
   });
 }
 

@@ -17,6 +17,7 @@
 #include "../../csrc/cuda/norm_check_kernel.cuh"
 #include "check_specs.h"
 #include "harness.h"
+#include "launch_modes.h"
 #include "plan_map.h"
 #include "reference.h"
 
@@ -53,27 +54,53 @@ struct Result {
   size_t launches = 0;
 };
 
+// One call in `mode`. By value, the partials are r.partials (from `init`);
+// in table mode they are the table's scratch: blocks that do not run
+// (`runs` false) get their `init` value there and count as done on the
+// call's ticket, and r.partials receives a copy afterwards.
 template <typename T>
 void run_once(Result<T>& r, const std::vector<void*>& ptrs, const std::vector<int64_t>& numels,
-            const Mode& m, bool inf_norm, const Scalar<float>& scale, const std::vector<double>& init) {
+              const Mode& m, bool inf_norm, const Scalar<float>& scale,
+              const std::vector<double>& init, const std::vector<bool>& block_runs,
+              const ModeSpec& mode) {
   r.partials = Buffer<double>(static_cast<int64_t>(init.size()), 0);
   std::copy(init.begin(), init.end(), r.partials.data());
   NormArgs a;
   a.found_inf = r.found.ptr();
-  a.partials = r.partials.data();
+  a.partials = mode.table ? nullptr : r.partials.data();
   a.grad_scale = m.scale_on_device ? scale.ptr() : nullptr;
   a.factor = m.factor;
   a.inf_norm = inf_norm;
+  HostTableSource& src = table_source();
+  src.last_base = nullptr;
+  src.prepare = [&](uint8_t* base, size_t content) {
+    auto* partials = reinterpret_cast<double*>(base + content);
+    unsigned skipped = 0;
+    for (size_t b = 0; b < init.size(); ++b)
+      if (!block_runs[b]) {
+        partials[b] = init[b];
+        ++skipped;
+      }
+    reinterpret_cast<fastaccum::cuda::TableHeader*>(base)->call_ticket = skipped;
+  };
   const size_t before = fastaccum::emu::launch_count();
   fastaccum::cuda::norm_check_launch<T, out_t<T>>(ptrs.size(), ptrs.data(), numels.data(), a,
-                                                  r.out.ptr(), nullptr);
+                                                  r.out.ptr(), launch_mode(mode), nullptr);
   r.launches = fastaccum::emu::launch_count() - before;
+  src.prepare = nullptr;
+  if (mode.table && src.last_base != nullptr) {
+    const auto* partials = reinterpret_cast<const double*>(src.last_base + src.last_content);
+    std::copy(partials, partials + init.size(), r.partials.data());
+    check(reinterpret_cast<const fastaccum::cuda::TableHeader*>(src.last_base)->call_ticket == 0,
+          "the call's ticket is back at 0");
+  }
 }
 
 // Returns whether found_inf was set.
 template <typename T>
 bool run_norm(const std::string& label, const std::vector<TensorSpec>& specs, const Mode& m,
-              bool inf_norm, const std::vector<Plant>& plants, uint64_t seed, bool flat = false) {
+              bool inf_norm, const std::vector<Plant>& plants, uint64_t seed, bool flat = false,
+              const ModeSpec& mode = kTableMode) {
   const size_t count = specs.size();
   Rng rng(seed);
   std::vector<typename TensorMemory<T>::Spec> list_spec;
@@ -98,7 +125,9 @@ bool run_norm(const std::string& label, const std::vector<TensorSpec>& specs, co
   };
   std::vector<Block> blocks;
   size_t planned_launches = 0;
-  for (const auto& launch : plan_blocks(numels, 1, false)) {
+  // The table's one launch covers the blocks of the by-value launches, in
+  // their order (NOTE: [table blocks]).
+  for (const auto& launch : plan_blocks(numels, 1, false, mode.table, mode.arg_bytes)) {
     ++planned_launches;
     for (const BlockTarget& b : launch) {
       Block blk{b.tensor, b.chunk, runs(specs[b.tensor], b.chunk), {}};
@@ -120,14 +149,17 @@ bool run_norm(const std::string& label, const std::vector<TensorSpec>& specs, co
   Scalar<float> scale(m.scale);
   std::vector<void*> ptrs(count);
   for (size_t t = 0; t < count; ++t) ptrs[t] = G[t];
+  std::vector<bool> block_runs(blocks.size());
+  for (size_t b = 0; b < blocks.size(); ++b) block_runs[b] = blocks[b].runs;
   Result<T> first, second;
   {
     std::optional<ChunkFilter> filter;
     const auto sparse = [](const TensorSpec& t) { return t.sparse(); };
     for (Result<T>* r : {&first, &second}) {
       if (std::any_of(specs.begin(), specs.end(), sparse))
-        filter.emplace(numels, 1, false, [&](int64_t t, int64_t c) { return runs(specs[t], c); });
-      run_once<T>(*r, ptrs, numels, m, inf_norm, scale, init);
+        filter.emplace(numels, 1, false, [&](int64_t t, int64_t c) { return runs(specs[t], c); },
+                       mode.table, mode.arg_bytes);
+      run_once<T>(*r, ptrs, numels, m, inf_norm, scale, init, block_runs, mode);
       filter.reset();
     }
   }
@@ -140,12 +172,13 @@ bool run_norm(const std::string& label, const std::vector<TensorSpec>& specs, co
     if (!blk.runs) continue;
     const int64_t lo = blk.chunk * kChunk;
     const T* now = G[blk.tensor] + lo;
-    const std::string where = label + " block " + std::to_string(b) + " (tensor " +
+    const std::string where = label + " [" + mode.name + "] block " + std::to_string(b) + " (tensor " +
                               std::to_string(blk.tensor) + " chunk " + std::to_string(blk.chunk) + ")";
     // The device address's alignment decides the kernel's order of operations.
-    const bool vector_path = reinterpret_cast<uintptr_t>(now) % fastaccum::cuda::kVecBytes == 0;
+    const T* const at[1] = {now};
+    const int vector_bytes = fastaccum::cuda::vector_bytes(at, 1u);
     const NormBlock exact = norm_block_reference<T>(blk.before.data(), static_cast<int64_t>(blk.before.size()),
-                                                    vector_path, mul, inf_norm);
+                                                    vector_bytes, mul, inf_norm);
     want_partials[b] = exact.partial;
     any_nonfinite |= exact.nonfinite;
     check(same_bits(first.partials[b], exact.partial),
@@ -159,10 +192,13 @@ bool run_norm(const std::string& label, const std::vector<TensorSpec>& specs, co
   check(first.found.value() == (any_nonfinite ? 1.f : 0.f),
         label + " found_inf: got " + std::to_string(first.found.value()) + ", want " +
             (any_nonfinite ? "1" : "0"));
-  // The chunk launches of the plan and the finishing block, nothing else.
-  check(first.launches == planned_launches + 1,
-        label + ": " + std::to_string(first.launches) + " launches, want " +
-            std::to_string(planned_launches + 1));
+  // By value: the plan's chunk launches and the finishing block; table mode:
+  // one launch (the finishing block alone without elements).
+  const int64_t want_launches = expected_launches(numels, false, mode).norm;
+  check(static_cast<int64_t>(first.launches) == want_launches &&
+            want_launches == static_cast<int64_t>(mode.table ? 1 : planned_launches + 1),
+        label + ": " + std::to_string(first.launches) + " launches, count_launches says " +
+            std::to_string(want_launches));
 
   // What the plants must do, whatever the reference says.
   bool nan_planted = false, inf_planted = false;
@@ -210,22 +246,36 @@ std::vector<TensorSpec> many_chunks() {
   return {{5}, {chunks * kChunk - 3, 0, {0, 318, 319, 638, 639, 958, 959, 1099}}, {9, 1}};
 }
 
+// Each case runs in table mode and in one by-value budget, alternating; the
+// cases about the launch structure run in all three modes.
 template <typename T>
 void add_cases() {
   const std::string dt = type_name<T>();
   const double inf = std::numeric_limits<double>::infinity();
   const double nan = std::numeric_limits<double>::quiet_NaN();
+  int turn = 0;
+  auto add = [&](const std::string& label, bool all_modes, auto run) {
+    const ModeSpec& by_value = (turn++ % 2) ? kByValue4k : kByValue32k;
+    std::vector<const ModeSpec*> modes = {&kTableMode, &by_value};
+    if (all_modes) modes = {&kTableMode, &kByValue4k, &kByValue32k};
+    for (const ModeSpec* mode : modes) {
+      const std::string name = label + "/" + mode->name;
+      add_case(name, [=] { run(name, *mode); });
+    }
+  };
   for (const bool inf_norm : {false, true}) {
     const std::string norm = inf_norm ? "inf" : "l2";
     for (const Mode* m : {&kPlain, &kScaled, &kFactor}) {
       const std::string base = norm + "/" + m->name + "/" + dt;
-      add_case(base + "/clean", [=] { run_norm<T>(base + "/clean", boundary_sizes(), *m, inf_norm, {}, 31); });
-      add_case(base + "/flat_buffer_views", [=] {
-        run_norm<T>(base + "/flat_buffer_views", boundary_sizes(), *m, inf_norm, {}, 32, /*flat=*/true);
+      add(base + "/clean", m == &kScaled, [=](const std::string& l, const ModeSpec& mode) {
+        run_norm<T>(l, boundary_sizes(), *m, inf_norm, {}, 31, false, mode);
+      });
+      add(base + "/flat_buffer_views", false, [=](const std::string& l, const ModeSpec& mode) {
+        run_norm<T>(l, boundary_sizes(), *m, inf_norm, {}, 32, /*flat=*/true, mode);
       });
     }
-    add_case(norm + "/many_tensors/" + dt, [=] {
-      run_norm<T>(norm + "/many_tensors/" + dt, many_sizes(6), kFactor, inf_norm, {}, 33);
+    add(norm + "/many_tensors/" + dt, true, [=](const std::string& l, const ModeSpec& mode) {
+      run_norm<T>(l, many_sizes(6), kFactor, inf_norm, {}, 33, false, mode);
     });
     // Non-finite values in the vector path, in a chunk's strided tail, in a
     // misaligned tensor's scalar path, as a tensor's last element, in a
@@ -239,25 +289,24 @@ void add_cases() {
         {"nan_after_inf", {{1, 0, inf}, {7, 3, nan}}},
     };
     for (const auto& [name, plants] : where) {
-      const std::string label = base + "/" + name;
-      add_case(label, [=] { run_norm<T>(label, boundary_sizes(), kScaled, inf_norm, plants, 34); });
+      add(base + "/" + name, false, [=](const std::string& l, const ModeSpec& mode) {
+        run_norm<T>(l, boundary_sizes(), kScaled, inf_norm, plants, 34, false, mode);
+      });
     }
-    add_case(base + "/many_tensors_inf_later_launch", [=] {
-      run_norm<T>(base + "/many_tensors_inf_later_launch", many_sizes(7), kScaled, inf_norm,
-                  {{125, 0, -inf}}, 35);
+    add(base + "/many_tensors_inf_later_launch", false, [=](const std::string& l, const ModeSpec& mode) {
+      run_norm<T>(l, many_sizes(7), kScaled, inf_norm, {{125, 0, -inf}}, 35, false, mode);
     });
-    add_case(norm + "/" + kOverflowFp16.name + "/" + dt, [=] {
-      const std::string label = norm + "/" + kOverflowFp16.name + "/" + dt;
-      const bool found = run_norm<T>(label, boundary_sizes(), kOverflowFp16, inf_norm, {}, 36);
-      check(found == std::is_same_v<T, c10::Half>, label + ": found_inf " + std::to_string(found));
+    add(norm + "/" + kOverflowFp16.name + "/" + dt, false, [=](const std::string& l, const ModeSpec& mode) {
+      const bool found = run_norm<T>(l, boundary_sizes(), kOverflowFp16, inf_norm, {}, 36, false, mode);
+      check(found == std::is_same_v<T, c10::Half>, l + ": found_inf " + std::to_string(found));
     });
-    add_case(norm + "/over_1000_partials/" + dt, [=] {
-      run_norm<T>(norm + "/over_1000_partials/" + dt, many_chunks(), kFactor, inf_norm, {}, 37);
+    add(norm + "/over_1000_partials/" + dt, true, [=](const std::string& l, const ModeSpec& mode) {
+      run_norm<T>(l, many_chunks(), kFactor, inf_norm, {}, 37, false, mode);
     });
     // Nothing to launch but the finishing block, which writes 0.
-    add_case(norm + "/all_empty/" + dt, [=] {
-      run_norm<T>(norm + "/all_empty/" + dt, {}, kScaled, inf_norm, {}, 38);
-      run_norm<T>(norm + "/all_empty/" + dt + "/three_empty", {{0}, {0, 1}, {0}}, kScaled, inf_norm, {}, 38);
+    add(norm + "/all_empty/" + dt, true, [=](const std::string& l, const ModeSpec& mode) {
+      run_norm<T>(l, {}, kScaled, inf_norm, {}, 38, false, mode);
+      run_norm<T>(l + "/three_empty", {{0}, {0, 1}, {0}}, kScaled, inf_norm, {}, 38, false, mode);
     });
   }
 }
