@@ -93,7 +93,7 @@ bool large_args_supported(c10::Device device) {
 
 }  // namespace
 
-void* TorchTableSource::table(int kind, size_t count,
+void* TorchTableSource::table(int kind, size_t count, uint64_t anchor,
                               const std::vector<uint8_t>& content, size_t total) {
   const std::lock_guard<std::mutex> lock(cache_mutex());
   TableKey key;
@@ -101,6 +101,7 @@ void* TorchTableSource::table(int kind, size_t count,
   key.stream = reinterpret_cast<uint64_t>(stream_);
   key.kind = kind;
   key.count = count;
+  key.anchor = anchor;
   TorchBackend backend{device_};
   return cache().get(key, content, total, backend);
 }

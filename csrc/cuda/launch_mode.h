@@ -20,8 +20,8 @@ class TorchTableSource final : public TableSource {
  public:
   TorchTableSource(c10::Device device, cudaStream_t stream)
       : device_(device), stream_(stream) {}
-  void* table(int kind, size_t count, const std::vector<uint8_t>& content,
-              size_t total) override;
+  void* table(int kind, size_t count, uint64_t anchor,
+              const std::vector<uint8_t>& content, size_t total) override;
 
  private:
   c10::Device device_;

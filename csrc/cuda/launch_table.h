@@ -2,7 +2,7 @@
 // multi_tensor_apply.cuh): its layout, built on the host as bytes, and the
 // cache that uploads it only when its contents change. Plain C++ (no CUDA, no
 // torch), so the emulator programs test the layout and the cache; the torch
-// side that allocates and uploads is table_store.h.
+// side that allocates and uploads is launch_mode.{h,cu}.
 //
 // NOTE: [launch table]
 // One contiguous buffer:
@@ -106,8 +106,10 @@ TableLayout build_table(const TensorLists<kDepth>& lists, bool reverse,
 
 // NOTE: [table cache]
 // Tables live in device buffers kept from call to call, one per (device,
-// stream, pass kind, tensor count): the role a table plays in a training
-// loop. A call builds its table on the host (it walks the tensors anyway)
+// stream, pass kind, tensor count, anchor): the role a table plays in a
+// training loop. The anchor is the first param address for the update
+// passes (params do not move, so two optimizers of the same size keep a
+// table each), 0 for the passes over grads alone. A call builds its table on the host (it walks the tensors anyway)
 // and compares it with the mirror of that buffer's contents: equal, nothing
 // is uploaded; different (grads reallocated by zero_grad(set_to_none=True)
 // and handed back at other addresses, a new param list), the new table is
@@ -125,8 +127,10 @@ struct TableKey {
   uint64_t stream = 0;
   int kind = 0;
   size_t count = 0;
+  uint64_t anchor = 0;
   bool operator==(const TableKey& o) const {
-    return device == o.device && stream == o.stream && kind == o.kind && count == o.count;
+    return device == o.device && stream == o.stream && kind == o.kind && count == o.count &&
+           anchor == o.anchor;
   }
 };
 

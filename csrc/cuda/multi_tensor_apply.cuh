@@ -216,13 +216,14 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
 // Pass kinds: part of a table's cache key (NOTE: [table cache]).
 enum TableKind : int { kCheckTable = 1, kNormTable, kUpdateTable, kUpdateMomentumTable };
 
-// Where tables come from: the torch side (table_store.h) or an emulator
+// Where tables come from: the torch side (launch_mode.h) or an emulator
 // program. Returns the device address of a buffer holding `content` followed
-// by `total - content.size()` bytes of scratch.
+// by `total - content.size()` bytes of scratch; kind, count and anchor key
+// the cache (NOTE: [table cache]).
 class TableSource {
  public:
-  virtual void* table(int kind, size_t count, const std::vector<uint8_t>& content,
-                      size_t total) = 0;
+  virtual void* table(int kind, size_t count, uint64_t anchor,
+                      const std::vector<uint8_t>& content, size_t total) = 0;
 
  protected:
   ~TableSource() = default;
@@ -258,8 +259,14 @@ TableRef upload_table(const TensorLists<kDepth>& lists, bool reverse,
   thread_local std::vector<uint8_t> bytes;
   TableRef t;
   t.layout = build_table(lists, reverse, with_partials, bytes);
+  // The first param with an address (empty tensors may have none).
+  uint64_t anchor = 0;
+  if (kind == kUpdateTable || kind == kUpdateMomentumTable)
+    for (size_t i = 0; i < lists.count && anchor == 0; ++i)
+      anchor = reinterpret_cast<uintptr_t>(lists.addresses[0][i]);
   if (t.layout.block_count > 0)
-    t.base = static_cast<uint8_t*>(source.table(kind, lists.count, bytes, t.layout.total));
+    t.base = static_cast<uint8_t*>(
+        source.table(kind, lists.count, anchor, bytes, t.layout.total));
   return t;
 }
 

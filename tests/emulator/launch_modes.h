@@ -34,11 +34,13 @@ class HostTableSource final : public fastaccum::cuda::TableSource {
   };
 
   // `stream` stands for the stream in the cache key.
-  void* table(int kind, size_t count, const std::vector<uint8_t>& content, size_t total) override {
+  void* table(int kind, size_t count, uint64_t anchor, const std::vector<uint8_t>& content,
+              size_t total) override {
     fastaccum::cuda::TableKey key;
     key.stream = stream;
     key.kind = kind;
     key.count = count;
+    key.anchor = anchor;
     Backend backend;
     auto* base = static_cast<uint8_t*>(cache.get(key, content, total, backend));
     last_base = base;

@@ -132,6 +132,14 @@ MUTATIONS = [
         "test_fused_sgd_kernel",
     ),
     Mutation(
+        "table_cache_ignores_anchor",
+        "the table cache keys update tables without their params: two optimizers of one size share a table",
+        "csrc/cuda/launch_table.h",
+        "           anchor == o.anchor;",
+        "           true;",
+        "test_fused_sgd_kernel",
+    ),
+    Mutation(
         "norm_last_block_never_finishes",
         "table mode: no block of the norm pass recognises itself as the last",
         "csrc/cuda/norm_check_kernel.cuh",

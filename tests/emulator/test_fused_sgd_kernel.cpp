@@ -338,10 +338,12 @@ void add_cases() {
   }
 }
 
-// NOTE: [table cache] at work: one set of tensors stepped three times in
+// NOTE: [table cache] at work: one set of tensors stepped five times in
 // table mode. The second call finds its table (no upload) with every ticket
 // back at 0, so its step counters advance again; new grad addresses upload
-// the table into the same buffer; another stream gets a table of its own.
+// the table into the same buffer; another stream gets a table of its own;
+// other params of the same count (a second optimizer) get one too, and the
+// first set's table is still found afterwards.
 template <typename T>
 void run_table_reuse(const std::string& label) {
   const Config& c = kConfigs[3];
@@ -357,6 +359,7 @@ void run_table_reuse(const std::string& label) {
     steps.emplace_back(t.step);
   }
   const TensorMemory<T> P(ls[0], false), G(ls[1], false), G2(ls[1], false), B(ls[2], false);
+  const TensorMemory<T> P2(ls[0], false), B2(ls[2], false);  // the second optimizer's
   // G2: other grads at other addresses, for calls 3 and 4.
   std::vector<std::vector<T>> p(count), g(count), g2(count), b(count);
   const T nan = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
@@ -374,9 +377,15 @@ void run_table_reuse(const std::string& label) {
   SgdArgsDevice a{0.05,       nullptr, nullptr,  c.weight_decay, c.momentum, 1.0 - c.dampening,
                   0.5,        nullptr, nullptr,  c.nesterov,     c.maximize, false,
                   false};
-  std::vector<void*> pa(count), ga(count), ga2(count), ba(count);
-  std::vector<float*> sa(count);
+  std::vector<void*> pa(count), ga(count), ga2(count), ba(count), pa2(count), ba2(count);
+  std::vector<float*> sa(count), sa2(count);
+  std::vector<Scalar<float>> steps2;
   for (size_t t = 0; t < count; ++t) {
+    steps2.emplace_back(1.f);
+    for (int64_t i = 0; i < specs[t].n; ++i) P2[t][i] = B2[t][i] = static_cast<T>(rng.value());
+    pa2[t] = P2[t];
+    ba2[t] = B2[t];
+    sa2[t] = steps2[t].ptr();
     pa[t] = P[t];
     ga[t] = G[t];
     ga2[t] = G2[t];
@@ -399,13 +408,21 @@ void run_table_reuse(const std::string& label) {
   struct Want {
     int64_t uploads, hits, allocations;
   };
-  const Want wants[4] = {{1, 0, 1}, {1, 1, 1}, {2, 1, 1}, {3, 1, 2}};
+  const Want wants[6] = {{1, 0, 1}, {1, 1, 1}, {2, 1, 1}, {3, 1, 2}, {4, 1, 3}, {4, 2, 3}};
+  SgdLists other = lists;
+  other.params = pa2.data();
+  other.grads = ga2.data();
+  other.momentum = ba2.data();
+  other.steps = sa2.data();
   const auto base = src.cache.stats();
-  for (int call = 0; call < 4; ++call) {
+  int updates = 0;  // of P
+  for (int call = 0; call < 6; ++call) {
     if (call == 2) lists.grads = ga2.data();
-    if (call == 3) src.stream = 2;
+    src.stream = call == 3 ? 2 : 1;
+    const bool second_optimizer = call == 4;
     const size_t before = fastaccum::emu::launch_count();
-    fastaccum::cuda::fused_sgd_launch<T>(lists, a, false, launch_mode(kTableMode), nullptr);
+    fastaccum::cuda::fused_sgd_launch<T>(second_optimizer ? other : lists, a, false,
+                                         launch_mode(kTableMode), nullptr);
     const std::string at = label + " call " + std::to_string(call + 1);
     check(fastaccum::emu::launch_count() - before == 1, at + ": one launch");
     const auto st = src.cache.stats();
@@ -416,15 +433,19 @@ void run_table_reuse(const std::string& label) {
               std::to_string(st.hits - base.hits) + "/" +
               std::to_string(st.allocations - base.allocations));
     for (size_t t = 0; t < count; ++t) {
-      const bool first = specs[t].step + static_cast<float>(call) == 0.f;
-      sgd_reference(p[t].data(), (call < 2 ? g : g2)[t].data(), b[t].data(), 0, specs[t].n, first, h,
-                    false, false);
+      const bool first = specs[t].step + static_cast<float>(updates) == 0.f;
+      if (!second_optimizer)
+        sgd_reference(p[t].data(), (call < 2 ? g : g2)[t].data(), b[t].data(), 0, specs[t].n, first,
+                      h, false, false);
       const std::string where = at + " tensor " + std::to_string(t);
       compare_bits(where + " params", P[t], p[t], 0);
       compare_bits(where + " momentum", B[t], b[t], 0);
-      const float want = specs[t].step + static_cast<float>(call + 1);
+      const float want = specs[t].step + static_cast<float>(updates + (second_optimizer ? 0 : 1));
       check(steps[t].value() == want, where + " step counter " + std::to_string(steps[t].value()));
+      if (second_optimizer)
+        check(steps2[t].value() == 2.f, where + " second optimizer's step counter");
     }
+    updates += second_optimizer ? 0 : 1;
   }
   src.stream = 1;
 }
