@@ -726,6 +726,21 @@ def test_launch_table_cache_refreshes_on_new_pointers():
     assert after["entries"] == 4  # two passes on each of two streams
 
 
+@needs_real_cuda
+def test_launch_table_made_in_inference_mode_serves_later_calls():
+    """A table first uploaded by a call under torch.inference_mode() is a
+    normal tensor: a later call outside it can upload into it again."""
+    torch_fastaccum._ops.cuda_table_stats(clear=True)
+    found = torch.zeros((), device="cuda")
+    with torch.inference_mode():
+        ops.nonfinite_check_(_randn_list([1000, 7], torch.float32, seed=83, device="cuda"), found)
+    grads = _randn_list([1000, 7], torch.float32, seed=84, device="cuda")
+    grads[1][3] = float("inf")
+    ops.nonfinite_check_(grads, found)  # new addresses: uploads into the same buffer
+    assert found.item() == 1.0
+    assert torch_fastaccum._ops.cuda_table_stats()["entries"] == 1
+
+
 # ---------------------------------------------------------------------------
 # CUDA graphs and host syncs
 # ---------------------------------------------------------------------------

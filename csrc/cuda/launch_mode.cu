@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
@@ -25,14 +26,18 @@ struct DeviceBuffer {
 // Allocates on the current stream of the call (the caching allocator ties
 // the block to it) and uploads through a pinned staging block: torch's
 // non-blocking copy records an event on it, so the host allocator reuses it
-// only after the copy ran, with no sync here.
+// only after the copy ran, with no sync here. Outside inference mode, even
+// when a step runs in it: a buffer made there would be an inference tensor,
+// which a later step outside could not copy into.
 struct TorchBackend {
   c10::Device device;
   DeviceBuffer alloc(size_t bytes) const {
+    const c10::InferenceMode not_inference(false);
     return {at::empty({static_cast<int64_t>(bytes)},
                       at::TensorOptions().dtype(at::kByte).device(device))};
   }
   void upload(DeviceBuffer& buf, const uint8_t* bytes, size_t n) const {
+    const c10::InferenceMode not_inference(false);
     const at::Tensor host = at::empty(
         {static_cast<int64_t>(n)},
         at::TensorOptions().dtype(at::kByte).pinned_memory(true));
