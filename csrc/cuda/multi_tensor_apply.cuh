@@ -106,10 +106,14 @@ struct TensorListMeta {
 };
 
 // NOTE: [one wave per launch]
-// A 320-block launch of 512 threads fits at once on an H100 (132 SMs) or an
-// A100 (108 SMs) at 3 resident blocks per SM (<= 42 registers), hence the
-// minimum of 3 blocks per SM in the launch bounds: ptxas then keeps the fp32
-// and half kernels at <= 40 registers without spills.
+// A 320-block by-value launch of 512 threads fits at once on an H100 (132
+// SMs) or an A100 (108 SMs) at 3 resident blocks per SM (<= 40 registers),
+// hence the minimum of 3 blocks per SM in the launch bounds. A table pass is
+// one grid of many waves, where occupancy matters more than the tail of a
+// wave; at this bound ptxas (CUDA 13, sm_90) keeps the check and norm
+// kernels free of spills but spills in the momentum update (ptxas -v, fp32
+// table kernel: 60 B of spill stores, 168 B of spill loads). Whether 2
+// blocks per SM without spills is faster is for a GPU to say.
 inline constexpr int kMinBlocksPerSm = 3;
 
 template <typename Meta, int kDepth, typename Functor>
