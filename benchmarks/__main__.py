@@ -273,24 +273,27 @@ def _speed(result: dict) -> list[str]:
            if copy.get("exceeds_cache") is False else ""),
     ]
     lines += _counts_table(speed)
-    orders = [c for c in speed if "reverse_order_speedup" in c]
-    if orders:
-        lines += ["", "Update pass order (default forward; reverse = read first what the check pass read "
-                  "last; above 1x reverse would be faster):", ""]
-        for c in orders:
-            lines.append(f"- {c['case']}: forward {c['paths']['fastaccum']['ms']:.3f} ms, "
-                         f"reverse {c['paths']['fastaccum_reverse_order']['ms']:.3f} ms "
-                         f"({c['reverse_order_speedup']:.3f}x)")
-    modes = [c for c in speed if "table_speedup" in c]
-    if modes:
-        lines += ["", "Launch mode (NOTE: [launch modes]; default: one launch per pass through a device table; "
-                  "by value: the launches of a captured step; above 1x the table passes are faster):", ""]
-        for c in modes:
-            lines.append(f"- {c['case']}: table {c['paths']['fastaccum']['ms']:.3f} ms, "
-                         f"by value {c['paths']['fastaccum_by_value']['ms']:.3f} ms "
-                         f"({c['table_speedup']:.3f}x)")
+    lines += _variant_lines(
+        speed, "reverse_order_speedup", "fastaccum_reverse_order", "forward", "reverse",
+        "Update pass order (default forward; reverse = read first what the check pass read "
+        "last; above 1x reverse would be faster):")
+    lines += _variant_lines(
+        speed, "table_speedup", "fastaccum_by_value", "table", "by value",
+        "Launch mode (NOTE: [launch modes]; default: one launch per pass through a device table; "
+        "by value: the launches of a captured step; above 1x the table passes are faster):")
     lines.append("")
     return lines
+
+
+def _variant_lines(speed: list[dict], ratio: str, path: str, ours: str, theirs: str, title: str) -> list[str]:
+    """Our default path against one variant of it (`path`), per case that has
+    the `ratio`: ours and the variant's median, and the ratio."""
+    cases = [c for c in speed if ratio in c]
+    if not cases:
+        return []
+    return ["", title, ""] + [
+        f"- {c['case']}: {ours} {c['paths']['fastaccum']['ms']:.3f} ms, "
+        f"{theirs} {c['paths'][path]['ms']:.3f} ms ({c[ratio]:.3f}x)" for c in cases]
 
 
 def _e2e(e: dict) -> list[str]:

@@ -104,6 +104,20 @@ struct Launch {
   std::vector<Block> blocks;
 };
 
+// Chunks of tensor t of `numels` (0 for an empty one), after the checks
+// every plan makes: no negative numel, chunk indices that fit in int32.
+inline int64_t checked_chunks(const int64_t* numels, size_t t, int64_t chunk_size) {
+  const int64_t numel = numels[t];
+  if (numel < 0)
+    throw std::invalid_argument("launch plan: negative numel for tensor " +
+                                std::to_string(t));
+  const int64_t chunks = numel == 0 ? 0 : (numel - 1) / chunk_size + 1;
+  if (chunks - 1 > std::numeric_limits<int32_t>::max())
+    throw std::invalid_argument("launch plan: tensor " + std::to_string(t) +
+                                " has too many chunks");
+  return chunks;
+}
+
 // Calls emit(const Launch&) once per launch, in launch order. `numels` has
 // one entry per tensor; negative entries are rejected.
 template <typename Emit>
@@ -119,16 +133,9 @@ void for_each_launch(const int64_t* numels, size_t count, const Capacity& cap,
 
   for (size_t k = 0; k < count; ++k) {
     const size_t t = reverse ? count - 1 - k : k;
-    const int64_t numel = numels[t];
-    if (numel < 0)
-      throw std::invalid_argument("launch plan: negative numel for tensor " +
-                                  std::to_string(t));
-    if (numel == 0) continue;
-    const int64_t chunks = (numel - 1) / cap.chunk_size + 1;
-    if (chunks - 1 > std::numeric_limits<int32_t>::max())
-      throw std::invalid_argument("launch plan: tensor " + std::to_string(t) +
-                                  " has too many chunks");
-    launch.slots.push_back({static_cast<int64_t>(t), numel});
+    const int64_t chunks = checked_chunks(numels, t, cap.chunk_size);
+    if (chunks == 0) continue;
+    launch.slots.push_back({static_cast<int64_t>(t), numels[t]});
     for (int64_t j = 0; j < chunks; ++j) {
       const int64_t chunk = reverse ? chunks - 1 - j : j;
       launch.blocks.push_back({static_cast<int32_t>(launch.slots.size() - 1),
@@ -174,15 +181,8 @@ int64_t for_each_block(const int64_t* numels, size_t count, bool reverse,
   int64_t blocks = 0;
   for (size_t k = 0; k < count; ++k) {
     const size_t t = reverse ? count - 1 - k : k;
-    const int64_t numel = numels[t];
-    if (numel < 0)
-      throw std::invalid_argument("launch plan: negative numel for tensor " +
-                                  std::to_string(t));
-    const int64_t chunks =
-        numel == 0 ? (empty_gets_block ? 1 : 0) : (numel - 1) / kChunkSize + 1;
-    if (chunks - 1 > std::numeric_limits<int32_t>::max())
-      throw std::invalid_argument("launch plan: tensor " + std::to_string(t) +
-                                  " has too many chunks");
+    int64_t chunks = checked_chunks(numels, t, kChunkSize);
+    if (chunks == 0 && empty_gets_block) chunks = 1;
     if (blocks + chunks > std::numeric_limits<int32_t>::max())
       throw std::invalid_argument(
           "launch plan: more than 2^31 - 1 chunks in one list");
@@ -191,11 +191,6 @@ int64_t for_each_block(const int64_t* numels, size_t count, bool reverse,
     blocks += chunks;
   }
   return blocks;
-}
-
-// Chunks of one tensor in a table pass (see for_each_block).
-inline int64_t table_chunks(int64_t numel, bool empty_gets_block) {
-  return numel == 0 ? (empty_gets_block ? 1 : 0) : (numel - 1) / kChunkSize + 1;
 }
 
 // NOTE: [launch counts]

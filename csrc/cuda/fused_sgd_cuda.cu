@@ -143,7 +143,7 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads,
   const cudaStream_t stream =
       c10::cuda::getCurrentCUDAStream(device.index()).stream();
   TorchTableSource tables(device, stream);
-  const LaunchMode mode = launch_mode_for(device, stream, &tables);
+  const LaunchMode mode = tables.launch_mode();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(),
       "fastaccum_fused_sgd_cuda",

@@ -190,18 +190,9 @@ void advance_steps_within(float* const* steps, size_t count,
 inline void advance_steps(float* const* steps, size_t count,
                           const float* found_inf, size_t arg_bytes,
                           cudaStream_t stream) {
-  if (arg_bytes >= plan::kLargeArgBytes) {
-    if constexpr (kLargeArgsBuilt) {
-      advance_steps_within<plan::kLargeArgBytes>(steps, count, found_inf, stream);
-      return;
-    }
-  } else {
-    if constexpr (kSmallArgsBuilt) {
-      advance_steps_within<plan::kSmallArgBytes>(steps, count, found_inf, stream);
-      return;
-    }
-  }
-  throw std::invalid_argument("fastaccum: no step-counter kernels for this budget");
+  with_arg_budget(arg_bytes, [&](auto budget) {
+    advance_steps_within<decltype(budget)::value>(steps, count, found_inf, stream);
+  });
 }
 
 // The device addresses of one fused_sgd_ call: `count` tensors per list,
@@ -230,27 +221,19 @@ void fused_sgd_launch(const SgdLists& l, const SgdArgsDevice& a, bool reverse,
     lists.addresses[2] = l.momentum;
     lists.numels = l.numels;
     lists.steps = l.steps;
-    const SgdFunctor<scalar_t, true> functor{a};
-    if (mode.tables != nullptr) {
-      const TableRef t = upload_table(lists, reverse, false, kUpdateMomentumTable, *mode.tables);
-      multi_tensor_apply_table<3>(t, stream, functor);
-      return;
-    }
-    multi_tensor_apply_by_value<3, true>(lists, reverse, mode.arg_bytes, stream, functor);
-    if (!a.skipped) advance_steps(l.steps, l.count, a.found_inf, mode.arg_bytes, stream);
+    multi_tensor_apply_in<3, true>(mode, kUpdateMomentumTable, lists, reverse, stream,
+                                   SgdFunctor<scalar_t, true>{a});
+    // In table mode the update advanced them (NOTE: [step counters]).
+    if (mode.tables == nullptr && !a.skipped)
+      advance_steps(l.steps, l.count, a.found_inf, mode.arg_bytes, stream);
   } else {
     TensorLists<2> lists;
     lists.count = l.count;
     lists.addresses[0] = l.params;
     lists.addresses[1] = l.grads;
     lists.numels = l.numels;
-    const SgdFunctor<scalar_t, false> functor{a};
-    if (mode.tables != nullptr) {
-      const TableRef t = upload_table(lists, reverse, false, kUpdateTable, *mode.tables);
-      multi_tensor_apply_table<2>(t, stream, functor);
-      return;
-    }
-    multi_tensor_apply_by_value<2, false>(lists, reverse, mode.arg_bytes, stream, functor);
+    multi_tensor_apply_in<2, false>(mode, kUpdateTable, lists, reverse, stream,
+                                    SgdFunctor<scalar_t, false>{a});
   }
 }
 

@@ -111,12 +111,11 @@ void* TorchTableSource::table(int kind, size_t count, uint64_t anchor,
   return cache().get(key, content, total, backend);
 }
 
-LaunchMode launch_mode_for(c10::Device device, cudaStream_t stream,
-                           TorchTableSource* tables) {
+LaunchMode TorchTableSource::launch_mode() {
   (void)registered;
   LaunchMode mode;
-  mode.arg_bytes = large_args_supported(device) ? plan::kLargeArgBytes : plan::kSmallArgBytes;
-  if (!by_value_requested() && !capturing(stream)) mode.tables = tables;
+  mode.arg_bytes = large_args_supported(device_) ? plan::kLargeArgBytes : plan::kSmallArgBytes;
+  if (!by_value_requested() && !capturing(stream_)) mode.tables = this;
   return mode;
 }
 

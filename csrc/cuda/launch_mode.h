@@ -13,25 +13,23 @@
 
 namespace fastaccum::cuda {
 
-// Tables from the process-wide cache (NOTE: [table cache]) of this device and
+// How a call on `device` and `stream` launches (NOTE: [launch modes]): with
+// tables from the process-wide cache (NOTE: [table cache]) of this device and
 // stream, in caching-allocator memory, uploaded from pinned host memory
-// without a host sync.
+// without a host sync; by value while `stream` captures a CUDA graph or with
+// FASTACCUM_CUDA_LAUNCH=by_value, with the largest budget this build and the
+// device support. The object must outlive the call's launches.
 class TorchTableSource final : public TableSource {
  public:
   TorchTableSource(c10::Device device, cudaStream_t stream)
       : device_(device), stream_(stream) {}
   void* table(int kind, size_t count, uint64_t anchor,
               const std::vector<uint8_t>& content, size_t total) override;
+  LaunchMode launch_mode();
 
  private:
   c10::Device device_;
   cudaStream_t stream_;
 };
-
-// Table mode through `tables`, unless `stream` is capturing a CUDA graph or
-// FASTACCUM_CUDA_LAUNCH=by_value; then by value, with the largest budget
-// this build and the device support.
-LaunchMode launch_mode_for(c10::Device device, cudaStream_t stream,
-                           TorchTableSource* tables);
 
 }  // namespace fastaccum::cuda

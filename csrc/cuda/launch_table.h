@@ -48,8 +48,8 @@ struct TableBlock {
 
 // Byte offsets of the parts of one table.
 struct TableLayout {
-  size_t rows = 0, blocks = 0, partials = 0;
-  size_t content = 0;  // header + rows + blocks: what is uploaded
+  size_t rows = 0, blocks = 0;
+  size_t content = 0;  // header + rows + blocks: what is uploaded; the scratch follows
   size_t total = 0;    // content + scratch
   int64_t block_count = 0;
 };
@@ -81,7 +81,6 @@ TableLayout build_table(const TensorLists<kDepth>& lists, bool reverse,
   l.rows = round8(sizeof(TableHeader));
   l.blocks = l.rows + lists.count * sizeof(TableRow<kDepth>);
   l.content = round8(l.blocks + static_cast<size_t>(l.block_count) * sizeof(TableBlock));
-  l.partials = l.content;
   l.total = l.content +
             (with_partials ? static_cast<size_t>(l.block_count) * sizeof(double) : 0);
   out.assign(l.content, 0);  // zero tickets and padding: bytes compare exactly
@@ -92,7 +91,7 @@ TableLayout build_table(const TensorLists<kDepth>& lists, bool reverse,
     for (int d = 0; d < kDepth; ++d) r.addresses[d] = lists.addresses[d][t];
     r.step = with_steps ? lists.steps[t] : nullptr;
     r.numel = lists.numels[t];
-    r.chunks = static_cast<int32_t>(plan::table_chunks(r.numel, with_steps));
+    r.chunks = 0;  // counted with the blocks below
     std::memcpy(&rows[t], &r, sizeof r);
   }
   auto* blocks = reinterpret_cast<TableBlock*>(out.data() + l.blocks);
@@ -100,6 +99,7 @@ TableLayout build_table(const TensorLists<kDepth>& lists, bool reverse,
   plan::for_each_block(lists.numels, lists.count, reverse, with_steps,
                        [&](size_t t, int32_t chunk) {
                          blocks[b++] = {static_cast<int32_t>(t), chunk};
+                         ++rows[t].chunks;
                        });
   return l;
 }

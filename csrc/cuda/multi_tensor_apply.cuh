@@ -174,26 +174,35 @@ void multi_tensor_apply(const TensorLists<kDepth>& lists, bool reverse,
       });
 }
 
-// By value within the budget `arg_bytes` (plan::kSmallArgBytes or
-// plan::kLargeArgBytes), among the budgets this build has kernels for.
-template <int kDepth, bool kWithSteps, typename Functor>
-void multi_tensor_apply_by_value(const TensorLists<kDepth>& lists, bool reverse,
-                                 size_t arg_bytes, cudaStream_t stream,
-                                 const Functor& functor) {
+// Calls f(std::integral_constant<size_t, budget>{}) for the by-value budget
+// `arg_bytes` (plan::kSmallArgBytes or plan::kLargeArgBytes), among the
+// budgets this build has kernels for.
+template <typename F>
+void with_arg_budget(size_t arg_bytes, F&& f) {
   if (arg_bytes >= plan::kLargeArgBytes) {
     if constexpr (kLargeArgsBuilt) {
-      multi_tensor_apply<kDepth, kWithSteps, plan::kLargeArgBytes>(lists, reverse, stream, functor);
+      f(std::integral_constant<size_t, plan::kLargeArgBytes>{});
       return;
     }
   } else {
     if constexpr (kSmallArgsBuilt) {
-      multi_tensor_apply<kDepth, kWithSteps, plan::kSmallArgBytes>(lists, reverse, stream, functor);
+      f(std::integral_constant<size_t, plan::kSmallArgBytes>{});
       return;
     }
   }
   throw std::invalid_argument("fastaccum: no by-value kernels for a " +
                               std::to_string(arg_bytes) +
                               "-byte kernel-argument budget in this build");
+}
+
+template <int kDepth, bool kWithSteps, typename Functor>
+void multi_tensor_apply_by_value(const TensorLists<kDepth>& lists, bool reverse,
+                                 size_t arg_bytes, cudaStream_t stream,
+                                 const Functor& functor) {
+  with_arg_budget(arg_bytes, [&](auto budget) {
+    multi_tensor_apply<kDepth, kWithSteps, decltype(budget)::value>(lists, reverse, stream,
+                                                                    functor);
+  });
 }
 
 // ---- table mode -------------------------------------------------------------
@@ -253,7 +262,7 @@ struct TableRef {
     return reinterpret_cast<const TableBlock*>(base + layout.blocks);
   }
   TableHeader* header() const { return reinterpret_cast<TableHeader*>(base); }
-  double* partials() const { return reinterpret_cast<double*>(base + layout.partials); }
+  double* partials() const { return reinterpret_cast<double*>(base + layout.content); }
 };
 
 template <int kDepth>
@@ -282,6 +291,21 @@ void multi_tensor_apply_table(const TableRef& t, cudaStream_t stream,
   launch_kernel(&multi_tensor_table_kernel<kDepth, Functor>,
                 static_cast<unsigned>(t.layout.block_count), kBlockSize, stream,
                 t.rows<kDepth>(), t.blocks(), functor);
+}
+
+// One pass in `mode`, for a functor that needs nothing of the table but its
+// blocks: one table launch, or the by-value launches.
+template <int kDepth, bool kWithSteps, typename Functor>
+void multi_tensor_apply_in(const LaunchMode& mode, int kind,
+                          const TensorLists<kDepth>& lists, bool reverse,
+                          cudaStream_t stream, const Functor& functor) {
+  if (mode.tables != nullptr) {
+    const TableRef t = upload_table(lists, reverse, false, kind, *mode.tables);
+    multi_tensor_apply_table<kDepth>(t, stream, functor);
+  } else {
+    multi_tensor_apply_by_value<kDepth, kWithSteps>(lists, reverse, mode.arg_bytes,
+                                                    stream, functor);
+  }
 }
 
 }  // namespace fastaccum::cuda

@@ -43,7 +43,7 @@ void check_impl(at::TensorList grads, const at::Tensor& found_inf,
   const cudaStream_t stream =
       c10::cuda::getCurrentCUDAStream(device.index()).stream();
   TorchTableSource tables(device, stream);
-  const LaunchMode mode = launch_mode_for(device, stream, &tables);
+  const LaunchMode mode = tables.launch_mode();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grads[0].scalar_type(),
       "fastaccum_check_cuda", [&] {

@@ -76,18 +76,12 @@ void nonfinite_check_launch(size_t count, void* const* grads,
   lists.count = count;
   lists.addresses[0] = grads;
   lists.numels = numels;
-  auto run = [&](const auto& functor) {
-    if (mode.tables != nullptr) {
-      const TableRef t = upload_table(lists, false, false, kCheckTable, *mode.tables);
-      multi_tensor_apply_table<1>(t, stream, functor);
-    } else {
-      multi_tensor_apply_by_value<1, false>(lists, false, mode.arg_bytes, stream, functor);
-    }
-  };
   if (write) {
-    run(CheckFunctor<scalar_t, true>{a});
+    multi_tensor_apply_in<1, false>(mode, kCheckTable, lists, false, stream,
+                                    CheckFunctor<scalar_t, true>{a});
   } else {  // grad_scale and factor are unused: nothing is unscaled
-    run(CheckFunctor<scalar_t, false>{a});
+    multi_tensor_apply_in<1, false>(mode, kCheckTable, lists, false, stream,
+                                    CheckFunctor<scalar_t, false>{a});
   }
 }
 

@@ -54,7 +54,7 @@ void norm_check_cuda(at::TensorList grads, at::Tensor found_inf,
   const cudaStream_t stream =
       c10::cuda::getCurrentCUDAStream(device.index()).stream();
   TorchTableSource tables(device, stream);
-  const LaunchMode mode = launch_mode_for(device, stream, &tables);
+  const LaunchMode mode = tables.launch_mode();
   // By value, the partials need a workspace: stream-ordered caching-allocator
   // memory, private to the graph being captured. Table mode keeps them in
   // the table's scratch.

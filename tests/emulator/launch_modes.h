@@ -83,6 +83,21 @@ inline fastaccum::cuda::LaunchMode launch_mode(const ModeSpec& m) {
   return mode;
 }
 
+// Registers `label` + "/" + mode name for table mode and one by-value
+// budget, alternating from call to call; for all three modes with
+// `all_modes` (the cases about the launch structure).
+inline void add_in_modes(const std::string& label, bool all_modes,
+                         std::function<void(const std::string&, const ModeSpec&)> run) {
+  static int turn = 0;
+  const ModeSpec& by_value = (turn++ % 2) ? kByValue4k : kByValue32k;
+  std::vector<const ModeSpec*> modes = {&kTableMode, &by_value};
+  if (all_modes) modes = {&kTableMode, &kByValue4k, &kByValue32k};
+  for (const ModeSpec* mode : modes) {
+    const std::string name = label + "/" + mode->name;
+    add_case(name, [=] { run(name, *mode); });
+  }
+}
+
 inline fastaccum::plan::LaunchCounts expected_launches(const std::vector<int64_t>& numels,
                                                        bool momentum, const ModeSpec& m) {
   return fastaccum::plan::count_launches(numels.data(), numels.size(), momentum, m.table,

@@ -38,8 +38,9 @@ class Mutation:
     program: str
 
 
-ADVANCE = "    if (!a.skipped) advance_steps(l.steps, l.count, a.found_inf, mode.arg_bytes, stream);\n"
-UPDATE_CALL = "    multi_tensor_apply_by_value<3, true>(lists, reverse, mode.arg_bytes, stream, functor);\n"
+ADVANCE = ("    if (mode.tables == nullptr && !a.skipped)\n"
+           "      advance_steps(l.steps, l.count, a.found_inf, mode.arg_bytes, stream);\n")
+UPDATE_CALL = "    multi_tensor_apply_in<3, true>(mode, kUpdateMomentumTable, lists, reverse, stream,\n"
 READ_STEP = "    const float step = kMomentum ? *c.step : 1.f;\n"
 
 MUTATIONS = [
@@ -119,8 +120,8 @@ MUTATIONS = [
         "empty_tensor_no_block",
         "table mode: an empty tensor gets no block, so its step counter never advances",
         "csrc/launch_plan.h",
-        "  return numel == 0 ? (empty_gets_block ? 1 : 0) : (numel - 1) / kChunkSize + 1;",
-        "  return numel == 0 ? 0 : (numel - 1) / kChunkSize + 1;",
+        "    if (chunks == 0 && empty_gets_block) chunks = 1;\n",
+        "",
         "test_fused_sgd_kernel",
     ),
     Mutation(

@@ -180,20 +180,7 @@ std::vector<TensorSpec> many_sizes(uint64_t seed) {
   return s;
 }
 
-// Each case runs in table mode and in one by-value budget, alternating; the
-// cases about the launch structure run in all three modes.
-inline void add_in_modes(const std::string& label, bool all_modes,
-                         std::function<void(const std::string&, const ModeSpec&)> run) {
-  static int turn = 0;
-  const ModeSpec& by_value = (turn++ % 2) ? kByValue4k : kByValue32k;
-  std::vector<const ModeSpec*> modes = {&kTableMode, &by_value};
-  if (all_modes) modes = {&kTableMode, &kByValue4k, &kByValue32k};
-  for (const ModeSpec* mode : modes) {
-    const std::string name = label + "/" + mode->name;
-    add_case(name, [=] { run(name, *mode); });
-  }
-}
-
+// Each case runs in table mode and in one by-value budget (add_in_modes).
 template <typename T>
 void add_cases() {
   const std::string dt = type_name<T>();

@@ -246,35 +246,24 @@ std::vector<TensorSpec> many_chunks() {
   return {{5}, {chunks * kChunk - 3, 0, {0, 318, 319, 638, 639, 958, 959, 1099}}, {9, 1}};
 }
 
-// Each case runs in table mode and in one by-value budget, alternating; the
-// cases about the launch structure run in all three modes.
+// Each case runs in table mode and in one by-value budget (add_in_modes).
 template <typename T>
 void add_cases() {
   const std::string dt = type_name<T>();
   const double inf = std::numeric_limits<double>::infinity();
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  int turn = 0;
-  auto add = [&](const std::string& label, bool all_modes, auto run) {
-    const ModeSpec& by_value = (turn++ % 2) ? kByValue4k : kByValue32k;
-    std::vector<const ModeSpec*> modes = {&kTableMode, &by_value};
-    if (all_modes) modes = {&kTableMode, &kByValue4k, &kByValue32k};
-    for (const ModeSpec* mode : modes) {
-      const std::string name = label + "/" + mode->name;
-      add_case(name, [=] { run(name, *mode); });
-    }
-  };
   for (const bool inf_norm : {false, true}) {
     const std::string norm = inf_norm ? "inf" : "l2";
     for (const Mode* m : {&kPlain, &kScaled, &kFactor}) {
       const std::string base = norm + "/" + m->name + "/" + dt;
-      add(base + "/clean", m == &kScaled, [=](const std::string& l, const ModeSpec& mode) {
+      add_in_modes(base + "/clean", m == &kScaled, [=](const std::string& l, const ModeSpec& mode) {
         run_norm<T>(l, boundary_sizes(), *m, inf_norm, {}, 31, false, mode);
       });
-      add(base + "/flat_buffer_views", false, [=](const std::string& l, const ModeSpec& mode) {
+      add_in_modes(base + "/flat_buffer_views", false, [=](const std::string& l, const ModeSpec& mode) {
         run_norm<T>(l, boundary_sizes(), *m, inf_norm, {}, 32, /*flat=*/true, mode);
       });
     }
-    add(norm + "/many_tensors/" + dt, true, [=](const std::string& l, const ModeSpec& mode) {
+    add_in_modes(norm + "/many_tensors/" + dt, true, [=](const std::string& l, const ModeSpec& mode) {
       run_norm<T>(l, many_sizes(6), kFactor, inf_norm, {}, 33, false, mode);
     });
     // Non-finite values in the vector path, in a chunk's strided tail, in a
@@ -289,22 +278,22 @@ void add_cases() {
         {"nan_after_inf", {{1, 0, inf}, {7, 3, nan}}},
     };
     for (const auto& [name, plants] : where) {
-      add(base + "/" + name, false, [=](const std::string& l, const ModeSpec& mode) {
+      add_in_modes(base + "/" + name, false, [=](const std::string& l, const ModeSpec& mode) {
         run_norm<T>(l, boundary_sizes(), kScaled, inf_norm, plants, 34, false, mode);
       });
     }
-    add(base + "/many_tensors_inf_later_launch", false, [=](const std::string& l, const ModeSpec& mode) {
+    add_in_modes(base + "/many_tensors_inf_later_launch", false, [=](const std::string& l, const ModeSpec& mode) {
       run_norm<T>(l, many_sizes(7), kScaled, inf_norm, {{125, 0, -inf}}, 35, false, mode);
     });
-    add(norm + "/" + kOverflowFp16.name + "/" + dt, false, [=](const std::string& l, const ModeSpec& mode) {
+    add_in_modes(norm + "/" + kOverflowFp16.name + "/" + dt, false, [=](const std::string& l, const ModeSpec& mode) {
       const bool found = run_norm<T>(l, boundary_sizes(), kOverflowFp16, inf_norm, {}, 36, false, mode);
       check(found == std::is_same_v<T, c10::Half>, l + ": found_inf " + std::to_string(found));
     });
-    add(norm + "/over_1000_partials/" + dt, true, [=](const std::string& l, const ModeSpec& mode) {
+    add_in_modes(norm + "/over_1000_partials/" + dt, true, [=](const std::string& l, const ModeSpec& mode) {
       run_norm<T>(l, many_chunks(), kFactor, inf_norm, {}, 37, false, mode);
     });
     // Nothing to launch but the finishing block, which writes 0.
-    add(norm + "/all_empty/" + dt, true, [=](const std::string& l, const ModeSpec& mode) {
+    add_in_modes(norm + "/all_empty/" + dt, true, [=](const std::string& l, const ModeSpec& mode) {
       run_norm<T>(l, {}, kScaled, inf_norm, {}, 38, false, mode);
       run_norm<T>(l + "/three_empty", {{0}, {0, 1}, {0}}, kScaled, inf_norm, {}, 38, false, mode);
     });
