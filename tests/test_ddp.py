@@ -24,16 +24,13 @@ step/update/zero_grad every K) on the full micro-batches:
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 import _ddp_worker as W
 from _helpers import assert_params_close, run_ref
+from _spawn import launch
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -48,52 +45,9 @@ DEVICES = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(device, out_dir):
     """Start both ranks; return their results or fail with their output."""
-    port = _free_port()
-    procs = []
-    logs = []
-    for rank in range(W.WORLD):
-        log = open(os.path.join(out_dir, f"rank{rank}.log"), "w+")
-        logs.append(log)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, WORKER, "--rank", str(rank), "--port", str(port), "--device", device,
-                 "--out", str(out_dir), "--timeout", "60"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    timed_out = False
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-    if timed_out:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    outputs = []
-    for log in logs:
-        log.seek(0)
-        outputs.append(log.read())
-        log.close()
-    report = "\n".join(f"--- rank {r} (rc={p.returncode}) ---\n{o[-4000:]}" for r, (p, o) in enumerate(zip(procs, outputs)))
-    if timed_out:
-        pytest.fail(f"DDP workers did not finish within {LAUNCH_TIMEOUT_S} s (hang?)\n{report}")
-    if any(p.returncode != 0 for p in procs):
-        pytest.fail(f"DDP workers failed\n{report}")
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(W.WORLD)]
+    return launch(WORKER, W.WORLD, out_dir, ["--device", device, "--timeout", "60"], LAUNCH_TIMEOUT_S, "DDP")
 
 
 @pytest.fixture(scope="module", params=DEVICES)

@@ -6,35 +6,47 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _dtensor, _ops
 from ._layout import dense_real, real, to_device
 from ._plan import StepPlan
 
 
-def check_lists(plan: StepPlan, writeback: list | None = None) -> dict[torch.device, dict[torch.dtype, list[Tensor]]]:
-    """Dense tensors to check, by device and dtype: the grads (real views of
-    complex ones) and the values of sparse grads. A grad that is not dense in
-    memory is checked through a dense copy; with `writeback`, (grad, copy)
-    pairs are appended there for the caller to copy back after writing."""
-    out: dict[torch.device, dict[torch.dtype, list[Tensor]]] = {}
+CheckLists = dict[torch.device, dict[tuple[torch.dtype, tuple], list[Tensor]]]
+
+
+def check_lists(plan: StepPlan, writeback: list | None = None) -> CheckLists:
+    """Dense tensors to check, by device and (dtype, reduce key): the grads
+    (real views of complex ones; local shards of DTensors, whose results
+    reduce over the key's process groups, () for none) and the values of
+    sparse grads. A grad that is not dense in memory is checked through a
+    dense copy; with `writeback`, (grad, copy) pairs are appended there for
+    the caller to copy back after writing."""
+    out: CheckLists = {}
     for gp in plan.groups:
         for b in gp.buckets:
             if b.plain:
                 if b.grads:
-                    out.setdefault(b.device, {}).setdefault(b.grads[0].dtype, []).extend(b.grads)
+                    out.setdefault(b.device, {}).setdefault((b.grads[0].dtype, b.reduce), []).extend(b.grads)
                 continue
             for g in b.grads:  # real views may differ in dtype from the param
                 v = dense_real(g)
                 if writeback is not None and v.data_ptr() != real(g).data_ptr():
                     writeback.append((g, v))
-                out.setdefault(b.device, {}).setdefault(v.dtype, []).append(v)
+                out.setdefault(b.device, {}).setdefault((v.dtype, b.reduce), []).append(v)
         for i, (p, g) in enumerate(gp.sparse):
             if g.dtype is torch.float16:  # as torch: fp16 duplicates may overflow once summed
                 p.grad = g = g.coalesce()
                 gp.sparse[i] = (p, g)
             v = dense_real(g._values())
-            out.setdefault(v.device, {}).setdefault(v.dtype, []).append(v)
+            out.setdefault(v.device, {}).setdefault((v.dtype, ()), []).append(v)
     return out
+
+
+def reduce_flags(lists: CheckLists, per_device: dict[torch.device, Tensor]) -> None:
+    """Every rank skips alike: each device's flag is reduced (MAX) over the
+    process groups of its sharded grads (NOTE: [DTensor params])."""
+    keys = {device: {key for _, key in per_key if key} for device, per_key in lists.items()}
+    _dtensor.reduce_flags(per_device, keys)
 
 
 def device_flag(found_inf: Tensor, device: torch.device) -> Tensor:
@@ -44,9 +56,9 @@ def device_flag(found_inf: Tensor, device: torch.device) -> Tensor:
     return found_inf if device == found_inf.device else torch.zeros_like(found_inf, device=device)
 
 
-def refuse_fp16(lists: dict[torch.device, dict[torch.dtype, list[Tensor]]]) -> None:
+def refuse_fp16(lists: CheckLists) -> None:
     """torch's GradScaler.unscale_ refuses fp16 grads, with this wording."""
-    if any(torch.float16 in per_dtype for per_dtype in lists.values()):
+    if any(dtype is torch.float16 for per_key in lists.values() for dtype, _ in per_key):
         raise ValueError("Attempting to unscale FP16 gradients.")
 
 
@@ -78,4 +90,5 @@ def run_check(
                 _ops.unscale_check_(grads, flag, scale, factor=factor)
     for g, dense in writeback:
         real(g).copy_(dense)
+    reduce_flags(lists, per_device)
     return per_device

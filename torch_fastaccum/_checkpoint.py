@@ -1,15 +1,27 @@
 """AccumOptimizer's checkpoint format: torch.optim.SGD's state dict (so
 either loads the other's), plus ``"accumulation"``: the micro-batch counter
-and K. Pack on save; validate, then restore, on load."""
+and K. Pack on save; validate, then restore, on load.
+
+The counter is also in every saved param group (GROUP_KEY), because
+torch.distributed.checkpoint's get/set_optimizer_state_dict keep only
+"state" and "param_groups"; a load reads the top-level entry first. K is a
+group key already (accumulation_steps). The live groups hold GROUP_KEY too,
+as None (the window holds the counter): DCP's flattened format
+(flatten_optimizer_state_dict=True, as torchtitan saves) loads only the
+group keys the live groups have.
+"""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from torch import Tensor
 
 from . import _momentum
 from ._hyper import SGD_GROUP_DEFAULTS, validate_accumulation_steps
+
+GROUP_KEY = "accumulation_micro_step"
 
 
 def save(opt, window, base_state_dict) -> dict[str, Any]:
@@ -51,6 +63,7 @@ def fill_defaults(defaults: dict, param_groups: list[dict]) -> None:
         # One micro-batch counter drives every group: K is the optimizer's.
         group.setdefault("accumulation_steps", defaults["accumulation_steps"])
         group.setdefault("grad_writeback", defaults["grad_writeback"])
+        group.setdefault(GROUP_KEY, None)
 
 
 def pack(sd: dict[str, Any], micro_step: int, k: int) -> dict[str, Any]:
@@ -63,6 +76,8 @@ def pack(sd: dict[str, Any], micro_step: int, k: int) -> dict[str, Any]:
             packed[idx] = s
     sd["state"] = packed
     sd["accumulation"] = {"micro_step": micro_step, "accumulation_steps": k}
+    for group in sd["param_groups"]:
+        group[GROUP_KEY] = micro_step
     return sd
 
 
@@ -70,7 +85,12 @@ def validate(sd: dict[str, Any], param_groups: list[dict], current_k: int) -> tu
     """(micro_step, K) of a state dict about to be loaded; raises ValueError
     for anything that would fail only after the load changed state. An SGD
     state dict has no "accumulation": it starts a window."""
-    acc = sd.get("accumulation", {})
+    acc = sd.get("accumulation")
+    if acc is None:  # through DCP, or SGD's (no counter: a window starts)
+        counters = {g.get(GROUP_KEY) or 0 for g in sd.get("param_groups", [])}
+        if len(counters) > 1:
+            raise ValueError(f"loaded state dict has param groups with different {GROUP_KEY}: {sorted(counters)}")
+        acc = counters.pop() if counters else 0
     micro = acc.get("micro_step", 0) if isinstance(acc, dict) else acc
     if isinstance(micro, bool) or not isinstance(micro, int) or micro < 0:
         raise ValueError(f"state_dict['accumulation']['micro_step'] must be an int >= 0, got {micro!r}")
@@ -95,6 +115,32 @@ def restore(window, defaults: dict, param_groups: list[dict], micro_step: int, k
     defaults["accumulation_steps"] = k
     for group in param_groups:
         group["accumulation_steps"] = k
+        group[GROUP_KEY] = None  # the window holds the live counter
+
+
+def is_dcp_state_init() -> bool:
+    """Whether the caller's step() comes from torch.distributed.checkpoint's
+    _init_optim_state: with the optimizer state empty and no grads, DCP sets
+    zero grads and lr 0 and calls step() once, so that a stateful optimizer
+    makes the state a checkpoint is loaded into. For AccumOptimizer with K > 1
+    that call would only count a micro-batch (shifting the window and making
+    no momentum buffers, so a loaded checkpoint's buffers would be dropped):
+    step() does SGD's update instead (see AccumOptimizer.step). Recognised by
+    the calling function itself, the one exact signal: lr 0 and zero grads
+    are also a warmup's first step."""
+    dcp = sys.modules.get("torch.distributed.checkpoint.state_dict")
+    init = getattr(dcp, "_init_optim_state", None)
+    code = getattr(init, "__code__", None)
+    if code is None:
+        return False
+    frame = sys._getframe(1)
+    for _ in range(8):  # step() is wrapped by torch's hooks and profiler
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _check_buffer_shapes(sd: dict[str, Any], param_groups: list[dict]) -> None:

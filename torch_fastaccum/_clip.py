@@ -11,8 +11,8 @@ import math
 import torch
 from torch import Tensor
 
-from . import _ops
-from ._check_pass import check_lists, device_flag, refuse_fp16
+from . import _dtensor, _ops
+from ._check_pass import check_lists, device_flag, reduce_flags, refuse_fp16
 from ._layout import to_device
 from ._plan import StepPlan
 
@@ -60,9 +60,11 @@ def total_norm(
     """The norm over every grad of the plan of x = g * inv_scale(scale) *
     factor, as torch.nn.utils.clip_grad_norm_ returns it for the grads the
     reference loop holds (on the first grad's device, in the grads' promoted
-    dtype), and the inf/NaN flag of each device (found_inf itself on its
-    own). One norm_check_ per (device, dtype); no host sync. Without
-    `allow_fp16`, fp16 grads raise torch's unscale_ error first."""
+    dtype; a Replicate DTensor for DTensor grads), and the inf/NaN flag of
+    each device (found_inf itself on its own). One norm_check_ per (device,
+    dtype); the local sums of sharded grads are reduced across their shards
+    (NOTE: [DTensor params]); no host sync. Without `allow_fp16`, fp16
+    grads raise torch's unscale_ error first."""
     _coalesce_sparse(plan)
     lists = check_lists(plan)
     if not allow_fp16:
@@ -71,32 +73,38 @@ def total_norm(
     parts: list[Tensor] = []
     first = None
     result_dtype = None
-    for device, per_dtype in lists.items():
+    for device, per_key in lists.items():
         flag = per_device[device] = device_flag(found_inf, device)
         scale = None if grad_scale is None else to_device(grad_scale, device)
-        for dtype, grads in per_dtype.items():
+        for (dtype, reduce), grads in per_key.items():
             out = torch.empty((), dtype=torch.float64 if dtype is torch.float64 else torch.float32, device=device)
             _ops.norm_check_(grads, flag, out, norm_type=norm_type, grad_scale=scale, factor=factor)
+            _dtensor.all_reduce(out, reduce, "max" if norm_type == math.inf else "sum")
             first = first or device
             result_dtype = dtype if result_dtype is None else torch.promote_types(result_dtype, dtype)
             parts.append(out)
+    reduce_flags(lists, per_device)
     if first is None:  # no grads: torch returns 0.0
         return torch.zeros((), device=found_inf.device), per_device
     # Partials combine in plan order in float64, on the first grad's device.
     stacked = torch.stack([to_device(t, first).double() for t in parts])
     norm = stacked.max() if norm_type == math.inf else stacked.sum().sqrt()
-    return norm.to(result_dtype), per_device
+    grads = (g for gp in plan.groups for g in gp.grads)
+    return _dtensor.replicated_like(norm.to(result_dtype), grads), per_device
 
 
 def coefficient(norm: Tensor, max_norm: float) -> Tensor:
     """min(1, max_norm / (norm + 1e-6)) in the norm's dtype, as torch forms
     it, as float32 for the kernels: exactly 1 when the norm is under
-    max_norm, NaN for a NaN norm, 0 for an infinite one."""
+    max_norm, NaN for a NaN norm, 0 for an infinite one. (A DTensor norm is
+    replicated: its local value is the norm.)"""
+    norm = _dtensor.local(norm)
     return torch.clamp(max_norm / (norm + 1e-6), max=1.0).float()
 
 
 def check_finite(norm: Tensor, norm_type: float) -> None:
     """torch's error_if_nonfinite, with its wording (a host sync)."""
+    norm = _dtensor.local(norm)
     if torch.logical_or(norm.isnan(), norm.isinf()):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot "

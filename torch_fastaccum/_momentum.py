@@ -16,19 +16,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _dtensor
 from ._layout import like
 
 MOMENTUM = "momentum_buffer"
 UPDATES = "momentum_updates"
 
 
-def kernel_state(state, params: list[Tensor], targets: list[Tensor], verify: bool):
-    """The buffers and update counters of `params` for the kernels, made
+def kernel_state(state, keys: list[Tensor], targets: list[Tensor], verify: bool):
+    """The buffers and update counters of params `keys` for the kernels, made
     where missing (zeroed buffer, 0 updates). `targets` are what the kernels
-    update (a param or its dense stand-in): the buffers follow their dtype,
-    device and layout when `verify` (params moved or cast since)."""
-    if not verify:  # the steady state: every entry exists; C-level loops
-        entries = list(map(state.__getitem__, params))
+    update (a param, its local shard, or a dense stand-in of either): the
+    kernels get buffers laid out like them; the state keeps them placed like
+    the param (a DTensor param's buffer is a DTensor). When `verify`, buffers
+    follow their targets' dtype, device and layout (params moved or cast
+    since), as load_state_dict casts."""
+    if not verify:  # the steady state of plain tensors: every entry exists; C-level loops
+        entries = list(map(state.__getitem__, keys))
         try:
             bufs = [s[MOMENTUM] for s in entries]
             counts = [s[UPDATES] for s in entries]
@@ -38,22 +42,25 @@ def kernel_state(state, params: list[Tensor], targets: list[Tensor], verify: boo
             if not any(b is None for b in bufs):
                 return bufs, counts
     bufs, counts = [], []
-    for p, target in zip(params, targets):
-        s = state[p]
+    for key, target in zip(keys, targets):
+        s = state[key]
         buf = s.get(MOMENTUM)
         if buf is None:
-            buf = s[MOMENTUM] = torch.zeros_like(target)
-            s[UPDATES] = torch.zeros((), dtype=torch.float32, device=p.device)
+            buf = s[MOMENTUM] = _dtensor.wrap_like(key, torch.zeros_like(target))
+            s[UPDATES] = torch.zeros((), dtype=torch.float32, device=target.device)
         elif UPDATES not in s:  # a buffer that SGD (or its sparse step) wrote
-            s[UPDATES] = torch.ones((), dtype=torch.float32, device=p.device)
+            s[UPDATES] = torch.ones((), dtype=torch.float32, device=target.device)
+        local = _dtensor.local(buf)
         if verify:
-            # module.to(), .double() since: follow, as load_state_dict casts.
             if buf.dtype != target.dtype or buf.device != target.device:
                 buf = s[MOMENTUM] = buf.to(device=target.device, dtype=target.dtype)
+                local = _dtensor.local(buf)
             if s[UPDATES].device != target.device:
                 s[UPDATES] = s[UPDATES].to(target.device)
-            buf = s[MOMENTUM] = like(buf, target)
-        bufs.append(buf)
+            laid_out = like(local, target)
+            if laid_out is not local:
+                s[MOMENTUM], local = _dtensor.wrap_like(key, laid_out), laid_out
+        bufs.append(local)
         counts.append(s[UPDATES])
     return bufs, counts
 
@@ -70,6 +77,8 @@ def after_load(state) -> None:
     for p, s in state.items():
         if not isinstance(p, Tensor) or not isinstance(s, dict):
             continue
+        if not isinstance(s.get(UPDATES), Tensor):  # only ours are: DCP may fill in others
+            s.pop(UPDATES, None)
         if s.get(MOMENTUM) is None:
             s.pop(MOMENTUM, None)
             s.pop(UPDATES, None)

@@ -15,7 +15,7 @@ import operator
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _dtensor, _ops
 from ._hyper import as_float
 
 
@@ -39,16 +39,27 @@ class Bucket:
     `verify_state`: check that existing momentum state still matches its
     params (moved or cast in place since it was made); skipped in the steady
     state of a plain bucket, where nothing about them changed.
+    `params`/`grads` are what the kernels see: for DTensor params their local
+    shards, with the params themselves (the state's keys) in `keys`, and in
+    `reduce` the process groups over which the bucket's inf/NaN flag and norm
+    are reduced (NOTE: [DTensor params] in _dtensor.py); otherwise `keys` is
+    `params` and `reduce` is ().
     """
 
-    __slots__ = ("device", "params", "grads", "plain", "verify_state")
+    __slots__ = ("device", "params", "grads", "keys", "reduce", "plain", "verify_state")
 
-    def __init__(self, device: torch.device, plain: bool, verify_state: bool = True):
+    def __init__(self, device: torch.device, plain: bool, verify_state: bool = True, reduce: tuple = ()):
         self.device = device
         self.params: list[Tensor] = []
         self.grads: list[Tensor] = []
+        self.keys: list[Tensor] = self.params
+        self.reduce = reduce
         self.plain = plain
         self.verify_state = verify_state
+
+    @property
+    def sharded(self) -> bool:
+        return self.keys is not self.params
 
 
 class GroupPlan:
@@ -97,6 +108,8 @@ class Planner:
 
     def __init__(self) -> None:
         self._splits: dict[int, tuple] = {}
+        self._sharded: dict[int, tuple] = {}
+        self._reduce_keys: dict = {}
         self._devices_ok: set[str] = set()
         self._kept: StepPlan | None = None
 
@@ -115,6 +128,10 @@ class Planner:
         groups = []
         for gi, group in enumerate(param_groups):
             params = group["params"]
+            if self._has_dtensor(gi, params):
+                grads = [p.grad for p in params]
+                groups.append(GroupPlan(group, grads, None, *self._per_tensor(gi, group, grads, sharded=True)))
+                continue
             grads, first_bad, signature = _triage(params)
             if first_bad < 0:
                 groups.append(GroupPlan(group, grads, signature, self._plain(gi, params, grads, signature), []))
@@ -138,23 +155,41 @@ class Planner:
         buckets = []
         for device, idx in hit[2]:
             b = Bucket(device, plain=True, verify_state=miss)
-            b.params = [params[i] for i in idx]
+            b.params = b.keys = [params[i] for i in idx]
             b.grads = [grads[i] for i in idx]
             buckets.append(b)
         return buckets
 
-    def _per_tensor(self, gi: int, group: dict, grads: list):
-        """Precise errors, sparse, complex, odd layouts."""
+    def _has_dtensor(self, gi: int, params: list[Tensor]) -> bool:
+        """Whether the group holds DTensors (FSDP2), cached on the list and its
+        length: a scan per step would cost every user, sharded or not."""
+        if _dtensor.dtensor_type() is None:
+            return False
+        hit = self._sharded.get(gi)
+        if hit is None or hit[0] is not params or hit[1] != len(params):
+            hit = self._sharded[gi] = (params, len(params), _dtensor.any_dtensor(params))
+        return hit[2]
+
+    def _per_tensor(self, gi: int, group: dict, grads: list, sharded: bool = False):
+        """Precise errors, sparse, complex, odd layouts, DTensors (their local
+        shards, split by the groups their results reduce over)."""
         params = group["params"]
+        keys = params
+        if sharded:
+            for pi, (p, g) in enumerate(zip(params, grads)):
+                _dtensor.check_pair(p, g, f"param_groups[{gi}]['params'][{pi}]")
+            params, grads = _dtensor.locals_of(params), _dtensor.locals_of(grads)
         kinds = torch.ops.fastaccum._pair_kinds.default(params, grads)
-        split: dict[tuple[torch.device, torch.dtype, bool], Bucket] = {}
+        split: dict[tuple, Bucket] = {}
         sparse: list[tuple[Tensor, Tensor]] = []
-        for pi, (p, g, kind) in enumerate(zip(params, grads, kinds)):
+        for pi, (key, p, g, kind) in enumerate(zip(keys, params, grads, kinds)):
             if kind == PairKind.NO_GRAD:
                 continue
             where = f"param_groups[{gi}]['params'][{pi}]"
             _raise_for(kind, where, p, g)
             self.require_kernels(p.device, where)
+            if sharded and kind == PairKind.SPARSE:
+                raise RuntimeError(f"AccumOptimizer: {where} is a DTensor with a sparse grad; not supported")
             if kind == PairKind.SPARSE:
                 if as_float(group["weight_decay"]) != 0:
                     raise RuntimeError(
@@ -165,11 +200,16 @@ class Planner:
                 sparse.append((p, g))
                 continue
             plain = kind == PairKind.FUSABLE
-            b = split.get((p.device, p.dtype, plain))
+            reduce = _dtensor.reduce_key(key, self._reduce_keys) if sharded else ()
+            b = split.get((p.device, p.dtype, plain, reduce))
             if b is None:
-                b = split[(p.device, p.dtype, plain)] = Bucket(p.device, plain)
+                b = split[(p.device, p.dtype, plain, reduce)] = Bucket(p.device, plain, reduce=reduce)
+                if sharded:
+                    b.keys = []
             b.params.append(p)
             b.grads.append(g)
+            if sharded:
+                b.keys.append(key)
         return list(split.values()), sparse
 
     def require_kernels(self, device: torch.device, where: str) -> None:

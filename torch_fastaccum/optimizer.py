@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 
 from . import _checkpoint, _clip, _momentum
 from ._check_pass import run_check
+from ._grad_sync import skipped_grad_sync
 from ._hyper import validate_group, validate_options, validate_sgd
 from ._plan import Planner
 from ._update_pass import run_update
@@ -133,6 +134,7 @@ class AccumOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        self.param_groups[-1].setdefault(_checkpoint.GROUP_KEY, None)
         try:
             validate_group(self.param_groups[-1], self.accumulation_steps, f"param_groups[{len(self.param_groups) - 1}]: ")
         except ValueError:
@@ -168,18 +170,20 @@ class AccumOptimizer(Optimizer):
 
     @contextlib.contextmanager
     def accumulate(self, model: torch.nn.Module):
-        """Skip DDP's gradient all-reduce on micro-batches that do not update.
+        """Skip the gradient reduction of micro-batches that do not update.
 
-        ``with opt.accumulate(model): loss = ...; loss.backward()``. For a
-        ``DistributedDataParallel`` model this is ``model.no_sync()`` unless the
-        next ``step()`` is a boundary; for any other model it does nothing.
-        """
-        ddp = getattr(torch.nn.parallel, "DistributedDataParallel", None)
-        if ddp is not None and isinstance(model, ddp) and not self.is_accumulation_boundary:
-            with model.no_sync():
-                yield
-        else:
+        ``with opt.accumulate(model): loss = ...; loss.backward()``. Unless
+        the next ``step()`` is a boundary: for a ``DistributedDataParallel``
+        model this is ``model.no_sync()``; for a model with FSDP2
+        (``fully_shard``) modules, ``set_requires_gradient_sync(False)`` on
+        each of them, set back to True on exit. The boundary micro-batch then
+        reduces the whole window's sum once. For any other model it does
+        nothing."""
+        if self.is_accumulation_boundary:
             yield
+        else:
+            with skipped_grad_sync(model):
+                yield
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As :meth:`torch.optim.SGD.zero_grad`, but only right after a boundary
@@ -200,6 +204,11 @@ class AccumOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         window = self._window
+        # (Not while compiling: DCP calls the eager step, and the frame walk
+        # and the state's size would only add guards to a compiled one.)
+        if not torch.compiler.is_compiling() and not self.state and _checkpoint.is_dcp_state_init():
+            self._make_state_for_dcp()
+            return loss
         if not window.is_boundary():
             window.count()
             return loss
@@ -212,6 +221,17 @@ class AccumOptimizer(Optimizer):
         window.close()
         run_update(plan, self.state, grad_factor, grad_scale, found_inf, clip_coef)
         return loss
+
+    def _make_state_for_dcp(self) -> None:
+        """DCP's state-making step (_checkpoint.is_dcp_state_init): what SGD's
+        step does there (zero grads, lr 0: momentum buffers made, params
+        unchanged), without moving the window; the grads DCP made are dropped
+        here, as its zero_grad() after this would not inside a window."""
+        plan = self._planner.plan(self.param_groups, self._window.micro_step)
+        run_update(plan, self.state, 1.0, None, None)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
 
     # -- the mean gradient before the step (clipping) --------------------------
 
