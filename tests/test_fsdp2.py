@@ -19,6 +19,8 @@ in the reference loop (``loss / K``, step every K). Checked:
 * fused clipping reduces the norm across shards: the same norm on both ranks,
   torch's (unscale_ + clip_grad_norm_) to 1e-6, a DTensor as torch's
   (Replicate: already reduced);
+* grads placed unlike their params (a Replicate grad of a sharded param, a
+  plain tensor) raise a clear error and change nothing, on 1 and 2 ranks;
 * torch.distributed.checkpoint: get_state_dict/dcp.save inside a window (with
   the accumulated grads), fresh processes load it (get_state_dict templates,
   dcp.load, set_state_dict) and continue: bit for bit the uninterrupted run
@@ -215,3 +217,17 @@ def test_fsdp2_dcp_resume_inside_a_window(checkpointed, world):
             assert torch.equal(a, b)
     else:  # one rank sums the batch in another order
         assert_params_close(again["params"], whole["params"], msg="resumed on 1 rank:")
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_fsdp2_grads_placed_unlike_their_params_are_refused(tmp_path, world):
+    """On one rank a Replicate grad of a Shard(0) param has the local shape of
+    the shard: only the placement tells it is wrong."""
+    ranks = _launch(tmp_path, "cpu", "errors", world=world)
+    for r in ranks:
+        message, unchanged, no_state = r["replicate_grad"]
+        assert message is not None and "placed" in message and "['params'][0]" in message, message
+        assert unchanged and no_state
+        message, unchanged, no_state = r["plain_grad"]
+        assert message is not None and "needs a DTensor grad" in message, message
+        assert unchanged and no_state

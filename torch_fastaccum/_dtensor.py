@@ -3,7 +3,8 @@ shards, and what must agree across shards is reduced with one collective.
 
 NOTE: [DTensor params]
 A step plan maps every DTensor param, grad and momentum buffer to its local
-tensor (``to_local()`` under no_grad: the DTensor's own storage, no copy), and
+tensor (what ``to_local()`` returns under no_grad: the DTensor's own
+storage, no copy), and
 the fused kernels update those in place. The state keeps DTensors (momentum
 buffers placed like their params, as torch's SGD keeps them), so
 ``torch.distributed.checkpoint`` saves and reshards them.
@@ -48,21 +49,35 @@ def is_dtensor(t) -> bool:
 
 
 def local(t):
-    """The local tensor of a DTensor (its storage, no copy); others as they are."""
-    if is_dtensor(t):
-        with torch.no_grad():  # else to_local() makes an autograd view
-            return t.to_local()
-    return t
+    """The local tensor of a DTensor (what to_local() returns under no_grad:
+    its storage, no copy); others as they are."""
+    return t._local_tensor if is_dtensor(t) else t
 
 
 def locals_of(tensors: list) -> list:
     """local() of each (None stays None)."""
     cls = dtensor_type()
-    with torch.no_grad():
-        return [t.to_local() if isinstance(t, cls) else t for t in tensors]
+    return [t._local_tensor if isinstance(t, cls) else t for t in tensors]
 
 
-def reduce_key(t, cache: dict) -> tuple:
+def placed_alike(params: list, grads: list) -> bool:
+    """Every grad is a DTensor exactly where its param is, on the same mesh
+    with the same placements (FSDP2's are); the per-step check, cheap."""
+    cls = dtensor_type()
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        p_dt = isinstance(p, cls)
+        if p_dt != isinstance(g, cls):
+            return False
+        if p_dt:
+            ps, gs = p._spec, g._spec
+            if ps.placements != gs.placements or not (ps.mesh is gs.mesh or ps.mesh == gs.mesh):
+                return False
+    return True
+
+
+def reduce_key(t, cache: dict, where: str) -> tuple:
     """The process groups over which values computed on `t`'s local shard must be
     reduced: one per mesh dim where `t` is not Replicate; () for a plain tensor.
     `cache` holds them per (mesh, placements)."""
@@ -71,11 +86,15 @@ def reduce_key(t, cache: dict) -> tuple:
     spec = (t.device_mesh, tuple(t.placements))
     key = cache.get(spec)
     if key is None:
-        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor import Partial, Replicate
 
-        mesh = t.device_mesh
-        key = cache[spec] = tuple(
-            mesh.get_group(d) for d, pl in enumerate(t.placements) if not isinstance(pl, Replicate))
+        mesh, placements = spec
+        if any(isinstance(pl, Partial) for pl in placements):
+            raise RuntimeError(
+                f"AccumOptimizer: {where} has Partial placements {placements}; the fused step "
+                "needs reduced (Shard or Replicate) parameters and grads"
+            )
+        key = cache[spec] = tuple(mesh.get_group(d) for d, pl in enumerate(placements) if not isinstance(pl, Replicate))
     return key
 
 
@@ -93,17 +112,10 @@ def check_pair(p, g, where: str) -> None:
             f"AccumOptimizer: {where} is {kinds[not p_dt]} but its grad is {kinds[not g_dt]}; "
             "a DTensor parameter needs a DTensor grad with the same placements"
         )
-    from torch.distributed.tensor import Partial
-
     if p.device_mesh != g.device_mesh or tuple(p.placements) != tuple(g.placements):
         raise RuntimeError(
             f"AccumOptimizer: {where} is placed {tuple(p.placements)} on {p.device_mesh}, but its grad "
             f"{tuple(g.placements)} on {g.device_mesh}; redistribute the grad like its parameter first"
-        )
-    if any(isinstance(pl, Partial) for pl in p.placements):
-        raise RuntimeError(
-            f"AccumOptimizer: {where} has Partial placements {tuple(p.placements)}; the fused step "
-            "needs reduced (Shard or Replicate) parameters and grads"
         )
 
 

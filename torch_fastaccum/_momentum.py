@@ -23,15 +23,15 @@ MOMENTUM = "momentum_buffer"
 UPDATES = "momentum_updates"
 
 
-def kernel_state(state, keys: list[Tensor], targets: list[Tensor], verify: bool):
+def kernel_state(state, keys: list[Tensor], targets: list[Tensor], verify: bool, sharded: bool = False):
     """The buffers and update counters of params `keys` for the kernels, made
     where missing (zeroed buffer, 0 updates). `targets` are what the kernels
     update (a param, its local shard, or a dense stand-in of either): the
     kernels get buffers laid out like them; the state keeps them placed like
     the param (a DTensor param's buffer is a DTensor). When `verify`, buffers
     follow their targets' dtype, device and layout (params moved or cast
-    since), as load_state_dict casts."""
-    if not verify:  # the steady state of plain tensors: every entry exists; C-level loops
+    since), as load_state_dict casts. `sharded`: keys may be DTensors."""
+    if not verify:  # the steady state: every entry exists; C-level loops
         entries = list(map(state.__getitem__, keys))
         try:
             bufs = [s[MOMENTUM] for s in entries]
@@ -40,7 +40,7 @@ def kernel_state(state, keys: list[Tensor], targets: list[Tensor], verify: bool)
             pass
         else:
             if not any(b is None for b in bufs):
-                return bufs, counts
+                return (_dtensor.locals_of(bufs) if sharded else bufs), counts
     bufs, counts = [], []
     for key, target in zip(keys, targets):
         s = state[key]

@@ -63,10 +63,12 @@ class Bucket:
 
 
 class GroupPlan:
-    __slots__ = ("group", "params", "grads", "signature", "buckets", "sparse")
+    __slots__ = ("group", "params", "grads", "signature", "sharded", "buckets", "sparse")
 
-    def __init__(self, group: dict, grads: list, signature: int | None, buckets: list[Bucket], sparse: list):
+    def __init__(self, group: dict, grads: list, signature: int | None, buckets: list[Bucket], sparse: list,
+                 sharded: bool = False):
         self.group = group
+        self.sharded = sharded  # holds DTensors
         self.params = group["params"]
         self.grads = grads  # p.grad of every param, None included, at planning
         self.signature = signature  # the C++ triage's; None: per-tensor path
@@ -93,7 +95,7 @@ class StepPlan:
             params = group["params"]
             if gp.group is not group or gp.params is not params or gp.signature is None:
                 return False
-            grads, first, signature = _triage(params)
+            grads, first, signature, _, _ = _triage(params, gp.sharded)
             if len(grads) != len(gp.grads) or not all(map(operator.is_, grads, gp.grads)):
                 return False
             if first >= 0 or signature != gp.signature:
@@ -128,35 +130,40 @@ class Planner:
         groups = []
         for gi, group in enumerate(param_groups):
             params = group["params"]
-            if self._has_dtensor(gi, params):
-                grads = [p.grad for p in params]
-                groups.append(GroupPlan(group, grads, None, *self._per_tensor(gi, group, grads, sharded=True)))
-                continue
-            grads, first_bad, signature = _triage(params)
+            sharded = self._has_dtensor(gi, params)
+            grads, first_bad, signature, kparams, kgrads = _triage(params, sharded)
             if first_bad < 0:
-                groups.append(GroupPlan(group, grads, signature, self._plain(gi, params, grads, signature), []))
+                buckets = self._plain(gi, params, kparams, kgrads, signature, sharded)
+                groups.append(GroupPlan(group, grads, signature, buckets, [], sharded))
             else:
-                groups.append(GroupPlan(group, grads, None, *self._per_tensor(gi, group, grads)))
+                groups.append(GroupPlan(group, grads, None, *self._per_tensor(gi, group, grads, sharded), sharded))
         return StepPlan(groups, micro_step)
 
-    def _plain(self, gi: int, params: list[Tensor], grads: list, signature: int) -> list[Bucket]:
+    def _plain(self, gi: int, params: list[Tensor], kparams: list[Tensor], kgrads: list, signature: int,
+               sharded: bool) -> list[Bucket]:
+        """The buckets of a group whose pairs all go to the kernels as they
+        are (`kparams`/`kgrads`: the params and grads, or their local shards)."""
         key = (len(params), signature)
         hit = self._splits.get(gi)
         # The entry holds the list itself (not its id, which can be reused).
         miss = hit is None or hit[0] is not params or hit[1] != key
         if miss:
-            split: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-            for i, (p, g) in enumerate(zip(params, grads)):
+            split: dict[tuple, list[int]] = {}
+            for i, (p, g) in enumerate(zip(params, kgrads)):
                 if g is not None:
-                    split.setdefault((p.device, p.dtype), []).append(i)
-            for device, _ in split:
+                    where = f"param_groups[{gi}]['params'][{i}]"
+                    reduce = _dtensor.reduce_key(p, self._reduce_keys, where) if sharded else ()
+                    split.setdefault((p.device, p.dtype, reduce), []).append(i)
+            for device, _, _ in split:
                 self.require_kernels(device, f"param_groups[{gi}]")
-            hit = self._splits[gi] = (params, key, [(device, idx) for (device, _), idx in split.items()])
+            hit = self._splits[gi] = (params, key, [(device, reduce, idx) for (device, _, reduce), idx in split.items()])
         buckets = []
-        for device, idx in hit[2]:
-            b = Bucket(device, plain=True, verify_state=miss)
-            b.params = b.keys = [params[i] for i in idx]
-            b.grads = [grads[i] for i in idx]
+        for device, reduce, idx in hit[2]:
+            b = Bucket(device, plain=True, verify_state=miss, reduce=reduce)
+            b.params = b.keys = [kparams[i] for i in idx]
+            b.grads = [kgrads[i] for i in idx]
+            if sharded:
+                b.keys = [params[i] for i in idx]
             buckets.append(b)
         return buckets
 
@@ -200,7 +207,7 @@ class Planner:
                 sparse.append((p, g))
                 continue
             plain = kind == PairKind.FUSABLE
-            reduce = _dtensor.reduce_key(key, self._reduce_keys) if sharded else ()
+            reduce = _dtensor.reduce_key(key, self._reduce_keys, where) if sharded else ()
             b = split.get((p.device, p.dtype, plain, reduce))
             if b is None:
                 b = split[(p.device, p.dtype, plain, reduce)] = Bucket(p.device, plain, reduce=reduce)
@@ -229,13 +236,20 @@ class Planner:
         self._devices_ok.add(device.type)
 
 
-def _triage(params: list[Tensor]) -> tuple[list, int, int]:
-    """The params' grads, and the C++ triage of them (csrc/fusable.cpp):
-    the first pair that is not fusable as it is (-1: none) and the
-    device/dtype signature."""
+def _triage(params: list[Tensor], sharded: bool = False) -> tuple:
+    """The params' grads, the C++ triage of them (csrc/fusable.cpp): the
+    first pair that is not fusable as it is (-1: none) and the device/dtype
+    signature, and the tensors the kernels take (the params and grads, or
+    for DTensors their local shards). DTensor pairs placed unlike each
+    other count as not fusable (the per-tensor path names them)."""
     grads = [p.grad for p in params]
-    first, signature = torch.ops.fastaccum._first_unfusable.default(params, grads)
-    return grads, first, signature
+    kparams, kgrads = params, grads
+    if sharded:
+        if not _dtensor.placed_alike(params, grads):
+            return grads, 0, 0, None, None
+        kparams, kgrads = _dtensor.locals_of(params), _dtensor.locals_of(grads)
+    first, signature = torch.ops.fastaccum._first_unfusable.default(kparams, kgrads)
+    return grads, first, signature, kparams, kgrads
 
 
 def _raise_for(kind: int, where: str, p: Tensor, g: Tensor) -> None:

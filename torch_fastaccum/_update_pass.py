@@ -70,7 +70,7 @@ def kernel_lists(b: Bucket, state, momentum: bool, write_grads: bool):
             if write_grads and g_like is not g:
                 writeback.append((g, g_like))
             grads.append(g_like)
-    bufs, counts = _momentum.kernel_state(state, b.keys, params, b.verify_state) if momentum else ([], [])
+    bufs, counts = _momentum.kernel_state(state, b.keys, params, b.verify_state, b.sharded) if momentum else ([], [])
     if not b.plain:
         params, grads, bufs = [real(t) for t in params], [real(t) for t in grads], [real(t) for t in bufs]
     return params, grads, bufs, counts, writeback
