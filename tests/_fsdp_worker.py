@@ -17,6 +17,7 @@ It joins a gloo process group on 127.0.0.1:P and, per phase:
   SAVE_AT (inside a window) saves model, optimizer (get_state_dict), the
   accumulated grads and the scaler state with torch.distributed.checkpoint to
   --ckpt, then trains to the end and writes its final params.
+* ``hsdp``: the HSDP scenarios the same way, on 4 ranks.
 * ``errors``: grads placed unlike their DTensor params; the step must raise
   a clear error and change nothing.
 * ``resume``: fresh processes (any world size) load that checkpoint
@@ -32,7 +33,7 @@ Faults, by global micro-batch index -> (kind, rank): ``inf_local`` writes
 +inf into element 0 of the rank's local shard of the first parameter's grad
 after the micro-batch's backward (always a boundary micro-batch, so after the
 reduce-scatter): only that rank's shard holds it, and the step must be
-skipped on every rank.
+skipped on every rank. ``loss_nan`` multiplies the rank's loss by NaN.
 """
 
 from __future__ import annotations
@@ -105,6 +106,16 @@ SCENARIOS = {
     ),
 }
 
+# HSDP on 4 ranks: a (replicate, shard) mesh, grads all-reduced across the
+# replicas after the reduce-scatter; the flag and the norm reduce over the
+# shard dim only, as torch's do. A NaN loss on rank 2 at a boundary.
+HSDP = {
+    "hsdp_k4_clip": dict(
+        K=4, windows=5, accumulate=True, reshard=True, scaler=True, opt=MOMENTUM_NESTEROV,
+        faults={2 * 4 + 3: ("loss_nan", 2)}, clip=0.67, clip_norm_type=2.0, hsdp=True,
+    ),
+}
+
 # Checkpoint/resume: saved after micro-batch SAVE_AT, two micro-batches into
 # window 2 of K=4 (the grads hold their partial sum).
 # The fault is on rank 0, which every world size has.
@@ -130,7 +141,10 @@ def shard(model, cfg, world, device):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device, (world,))
+    if cfg.get("hsdp"):  # (replicate, shard): [[0, 1], [2, 3]] on 4 ranks
+        mesh = init_device_mesh(device, (world // 2, 2), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device, (world,))
     kw = dict(mesh=mesh, reshard_after_forward=cfg["reshard"])
     if cfg.get("bf16"):
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -156,9 +170,12 @@ def inject(model, cfg, i, rank):
             next(model.parameters()).grad.to_local().view(-1)[0] = float("inf")
 
 
-def forward_loss(model, x, y, rank, world):
+def forward_loss(model, x, y, rank, world, cfg=None, i=None):
     out = model(local_rows(x, rank, world))
-    return F.mse_loss(out.float(), local_rows(y, rank, world))
+    loss = F.mse_loss(out.float(), local_rows(y, rank, world))
+    if cfg is not None and cfg["faults"].get(i) == ("loss_nan", rank):
+        loss = loss * float("nan")  # every grad of the rank; the reduction spreads it
+    return loss
 
 
 # Reduce-scatter calls, counted by wrapping the collective FSDP2 calls
@@ -202,7 +219,7 @@ def train_ours(model, opt, scaler, cfg, batches, rank, world, start=0):
         ctx = opt.accumulate(model) if cfg["accumulate"] else contextlib.nullcontext()
         before_rs = REDUCE_SCATTERS[0]
         with ctx:
-            loss = forward_loss(model, x, y, rank, world)
+            loss = forward_loss(model, x, y, rank, world, cfg, i)
             (scaler.scale(loss) if scaler else loss).backward()
         rec.reduce_scatters.append(REDUCE_SCATTERS[0] - before_rs)
         inject(model, cfg, i, rank)
@@ -234,7 +251,7 @@ def train_torch(model, opt, scaler, cfg, batches, rank, world):
         boundary = (i + 1) % K == 0
         if cfg["accumulate"]:
             model.set_requires_gradient_sync(boundary)
-        loss = forward_loss(model, x, y, rank, world) / K
+        loss = forward_loss(model, x, y, rank, world, cfg, i) / K
         (scaler.scale(loss) if scaler else loss).backward()
         inject(model, cfg, i, rank)
         if not boundary:
@@ -393,7 +410,7 @@ def main(argv=None):
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--phase", default="train", choices=("train", "save", "resume", "errors"))
+    ap.add_argument("--phase", default="train", choices=("train", "hsdp", "save", "resume", "errors"))
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--timeout", type=float, default=60.0)
     a = ap.parse_args(argv)
@@ -413,6 +430,8 @@ def main(argv=None):
     try:
         if a.phase == "train":
             res = {name: run_scenario(cfg, a.rank, a.world, a.device) for name, cfg in SCENARIOS.items()}
+        elif a.phase == "hsdp":
+            res = {name: run_scenario(cfg, a.rank, a.world, a.device) for name, cfg in HSDP.items()}
         elif a.phase == "errors":
             res = phase_errors(a.rank, a.world, a.device)
         elif a.phase == "save":

@@ -26,6 +26,9 @@ in the reference loop (``loss / K``, step every K). Checked:
   dcp.load, set_state_dict) and continue: bit for bit the uninterrupted run
   on 2 ranks, and to rtol 1e-5 on 1 rank (DCP reshards the DTensors).
 
+* HSDP on 4 ranks (a (replicate, shard) mesh): ours against torch, with a
+  NaN loss on one rank and clipping.
+
 The CUDA variant (NCCL, one GPU per rank) skips visibly without 2 GPUs.
 """
 
@@ -231,3 +234,25 @@ def test_fsdp2_grads_placed_unlike_their_params_are_refused(tmp_path, world):
         message, unchanged, no_state = r["plain_grad"]
         assert message is not None and "needs a DTensor grad" in message, message
         assert unchanged and no_state
+
+
+def test_hsdp_matches_torch_on_four_ranks(tmp_path):
+    """HSDP, a (replicate, shard) mesh on 4 ranks: the flag and the norm reduce
+    over the shard dim only (the replicas hold the same reduced grads; a
+    reduction over them too would count each shard twice), as torch's do."""
+    ranks = _launch(tmp_path, "cpu", "hsdp", world=4)
+    for name, cfg in W.HSDP.items():
+        ours = [r[name]["ours"] for r in ranks]
+        ref = ranks[0][name]["torch"]
+        for r in ours[1:]:
+            for a, b in zip(ours[0]["params"], r["params"]):
+                assert torch.equal(a, b), "the ranks' full parameters differ"
+            assert r["skipped"] == ours[0]["skipped"]
+        assert_params_close(ours[0]["params"], ref["params"], msg=f"{name}:")
+        assert ours[0]["skipped"] == ref["skipped"] == _expected_skips(cfg) and any(ref["skipped"])
+        assert ours[0]["scales"] == ref["scales"]
+        for w, (a, t) in enumerate(zip(ours[0]["norms"], ref["norms"])):
+            if torch.isfinite(t):
+                torch.testing.assert_close(a, t, rtol=1e-6, atol=0, msg=lambda m: f"window {w} norm: {m}")
+            else:
+                assert not torch.isfinite(a)

@@ -45,7 +45,9 @@ def check_lists(plan: StepPlan, writeback: list | None = None) -> CheckLists:
 def reduce_flags(lists: CheckLists, per_device: dict[torch.device, Tensor]) -> None:
     """Every rank skips alike: each device's flag is reduced (MAX) over the
     process groups of its sharded grads (NOTE: [DTensor params])."""
-    keys = {device: {key for _, key in per_key if key} for device, per_key in lists.items()}
+    # In plan order, the same on every rank (a set's order would follow the
+    # groups' ids, which differ between processes).
+    keys = {device: list(dict.fromkeys(key for _, key in per_key if key)) for device, per_key in lists.items()}
     _dtensor.reduce_flags(per_device, keys)
 
 
