@@ -177,8 +177,9 @@ class AccumOptimizer(Optimizer):
         model this is ``model.no_sync()``; for a model with FSDP2
         (``fully_shard``) modules, ``set_requires_gradient_sync(False)`` on
         each of them, set back to True on exit. The boundary micro-batch then
-        reduces the whole window's sum once. For any other model it does
-        nothing."""
+        reduces the whole window's sum once. DDP decides in the forward, so
+        the backward may follow the block; FSDP2 reduces in the backward, so
+        run it inside. For any other model it does nothing."""
         if self.is_accumulation_boundary:
             yield
         else:
