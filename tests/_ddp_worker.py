@@ -31,7 +31,6 @@ import argparse
 import datetime
 import os
 import sys
-import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -41,6 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from _helpers import make_batches, make_mlp  # noqa: E402
+from _spawn import run_rank  # noqa: E402
 
 WORLD = 2
 GLOBAL_BATCH = 8
@@ -238,9 +238,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
+    run_rank(main)

@@ -43,7 +43,6 @@ import contextlib
 import datetime
 import os
 import sys
-import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -53,6 +52,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from _helpers import make_batches, make_mlp  # noqa: E402
+from _spawn import run_rank  # noqa: E402
 
 GLOBAL_BATCH = 8
 HIDDEN = 32  # 10*32 + 32 + 32*3 + 3 = 451 floats in 4 tensors, each split over 2 ranks
@@ -201,11 +201,26 @@ class Recorder:
         self.scales, self.skipped, self.norms, self.norm_objects = [], [], [], []
         self.reduce_scatters = []  # per micro-batch
 
+    def norm(self, norm):
+        self.norms.append(full(norm))
+        self.norm_objects.append(norm)
+
     def boundary(self, scaler, before):
         if scaler is not None:
             after = scaler.get_scale()
             self.scales.append((after, scaler._get_growth_tracker()))
             self.skipped.append(after < before)
+
+
+def optimizer_step(opt, scaler):
+    """step (with the scaler: step and update); returns the scale before it."""
+    if scaler is None:
+        opt.step()
+        return None
+    before = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    return before
 
 
 def train_ours(model, opt, scaler, cfg, batches, rank, world, start=0):
@@ -230,14 +245,8 @@ def train_ours(model, opt, scaler, cfg, batches, rank, world, start=0):
                 norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), *args)
             else:
                 norm = scaler.clip_grad_norm_(opt, *args) if scaler else opt.clip_grad_norm_(*args)
-            rec.norms.append(full(norm))
-            rec.norm_objects.append(norm)
-        before = scaler.get_scale() if scaler else None
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
+            rec.norm(norm)
+        before = optimizer_step(opt, scaler)
         if boundary:
             rec.boundary(scaler, before)
     return rec
@@ -259,16 +268,8 @@ def train_torch(model, opt, scaler, cfg, batches, rank, world):
         if cfg.get("clip") is not None:
             if scaler:
                 scaler.unscale_(opt)
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg["clip"], cfg["clip_norm_type"])
-            rec.norms.append(full(norm))
-            rec.norm_objects.append(norm)
-        before = scaler.get_scale() if scaler else None
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        rec.boundary(scaler, before)
+            rec.norm(torch.nn.utils.clip_grad_norm_(params, cfg["clip"], cfg["clip_norm_type"]))
+        rec.boundary(scaler, optimizer_step(opt, scaler))
         opt.zero_grad()
     model.set_requires_gradient_sync(True)
     return rec
@@ -445,16 +446,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    # The results are written and the group destroyed. Interpreter teardown
-    # after gloo and DCP sometimes aborts ("terminate called without an
-    # active exception", now and then here), after all the work is done:
-    # skip it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run_rank(main)

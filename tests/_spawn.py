@@ -1,7 +1,8 @@
 """Start the ranks of a distributed test worker as separate processes on
 127.0.0.1 and a free port, bounded in time: a hang fails the test instead of
 hanging CI. Each rank writes OUT/rank{R}.pt; their output goes to
-OUT/rank{R}.log and into the failure message."""
+OUT/rank{R}.log and into the failure message. run_rank is the workers' side:
+their entry point."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 
 import pytest
 import torch
@@ -60,3 +62,19 @@ def launch(worker: str, world: int, out_dir, args: list[str], timeout_s: float, 
     if any(p.returncode != 0 for p in procs):
         pytest.fail(f"{what} workers failed\n{report}")
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+
+
+def run_rank(main) -> None:
+    """A worker's `if __name__ == "__main__"`: main(), then exit at once, 1
+    with the traceback on any error. Interpreter teardown after gloo (and
+    DCP) sometimes aborts ("terminate called without an active exception")
+    once the results are written and the group is destroyed: it is skipped."""
+    try:
+        main()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -55,7 +55,9 @@ def load(opt, window, base_load_state_dict, state_dict: dict[str, Any]) -> None:
 
 
 def fill_defaults(defaults: dict, param_groups: list[dict]) -> None:
-    """Keys that older state dicts and pickles (or SGD's) lack."""
+    """Every key of ours a param group must hold: those older state dicts
+    and pickles (or SGD's) lack, and GROUP_KEY, which no default gives (a
+    new group gets it here too)."""
     defaults.setdefault("grad_writeback", True)
     for group in param_groups:
         for key, value in SGD_GROUP_DEFAULTS.items():

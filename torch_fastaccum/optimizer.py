@@ -134,7 +134,7 @@ class AccumOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self.param_groups[-1].setdefault(_checkpoint.GROUP_KEY, None)
+        _checkpoint.fill_defaults(self.defaults, self.param_groups[-1:])
         try:
             validate_group(self.param_groups[-1], self.accumulation_steps, f"param_groups[{len(self.param_groups) - 1}]: ")
         except ValueError:
