@@ -118,10 +118,24 @@ bench: setup
 	@$(PYTHON) -c "import matplotlib" 2>/dev/null || $(PYTHON) -m pip install -q matplotlib
 	$(PYTHON) -m benchmarks $(BENCH_ARGS)
 
-test: setup
-	@# Only the tests need them (tests/test_frameworks.py); pinning the
-	@# installed torch keeps pip from swapping it.
-	@$(PYTHON) -c "import accelerate, lightning" 2>/dev/null || $(PYTHON) -m pip install -q accelerate lightning "torch==$$($(PYTHON) -c 'import torch; print(torch.__version__)')"
+# Only the tests need them (tests/test_frameworks.py). pip may not swap the
+# installed torch: it is pinned by its distribution version (what pip
+# compares), never by torch.__version__, whose local label (+cu130) no index
+# serves for a torch that came from PyPI.
+define TORCH_PIN
+import importlib.metadata as md
+print("torch==" + md.version("torch"))
+endef
+export TORCH_PIN
+
+.PHONY: test-deps
+test-deps: deps
+	@$(PYTHON) -c "import accelerate, lightning" 2>/dev/null || { \
+		pin=$$($(PYTHON) -c "$$TORCH_PIN") || exit 1; \
+		echo "torch_fastaccum: installing accelerate and lightning (keeping $$pin)"; \
+		$(PYTHON) -m pip install -q accelerate lightning "$$pin"; }
+
+test: setup test-deps
 	$(PYTHON) -m pytest tests -ra $(PYTEST_ARGS)
 
 # A wheel for this machine's torch: no debug info, Requires-Dist pinned to the

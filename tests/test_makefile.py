@@ -95,3 +95,42 @@ def test_the_extension_is_rebuilt_only_when_its_inputs_change(checkout):
     stamp.write_text("torch 0.0.0 python /elsewhere\n")
     assert "compiling the extension" in _setup(root, py)
     assert len(_pip_installs(log)) == 3
+
+
+@pytest.fixture
+def pypi_cuda_torch(tmp_path):
+    """A python whose torch looks like PyPI's CUDA build: torch.__version__
+    carries a local label (2.13.0+cu130) that its distribution version
+    (2.13.0, what pip compares) does not; pip calls are recorded, not run."""
+    site = tmp_path / "site"
+    (site / "torch").mkdir(parents=True)
+    (site / "torch" / "__init__.py").write_text('__version__ = "2.13.0+cu130"\n')
+    info = site / "torch-2.13.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.13.0\n")
+    log = tmp_path / "pip.log"
+    py = tmp_path / "python"
+    py.write_text(f"""#!/bin/sh
+if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then echo "$@" >> {log}; exit 0; fi
+PYTHONPATH={site} exec {sys.executable} "$@"
+""")
+    py.chmod(0o755)
+    return str(py), log
+
+
+def test_test_deps_keep_a_pypi_cuda_torch(pypi_cuda_torch):
+    """make test installs accelerate and lightning with torch pinned to the
+    installed distribution: a pin pip cannot satisfy with it (torch's
+    __version__, 2.13.0+cu130) makes pip fail at once on a stock machine."""
+    from pip._vendor.packaging.requirements import Requirement
+
+    py, log = pypi_cuda_torch
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "VIRTUAL_ENV", "CONDA_PREFIX")}
+    out = subprocess.run(["make", "-s", "-C", ROOT, "test-deps", f"PYTHON={py}"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 1 and "accelerate" in calls[0] and "lightning" in calls[0], calls
+    pins = [Requirement(a) for a in calls[0].split() if a.startswith("torch")]
+    assert len(pins) == 1, calls
+    assert pins[0].specifier.contains("2.13.0"), f"pip cannot keep the installed torch 2.13.0 with {pins[0]}"
