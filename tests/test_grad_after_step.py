@@ -208,6 +208,39 @@ def test_disabled_scaler_unscale_averages_once_and_refuses_inside_a_window():
         torch.testing.assert_close(p.grad, t / K, rtol=0, atol=0)
 
 
+
+@pytest.mark.parametrize("grads", ["sparse-only", "none"])
+def test_disabled_scaler_unscale_at_a_boundary_without_dense_grads(grads):
+    """A boundary whose grads are all sparse (an nn.Embedding(sparse=True)
+    model) or all None: torch's disabled unscale_ does nothing; ours takes
+    1/K on the sparse values (the reference's mean) and never fails on the
+    empty dense list."""
+    K = 2
+    torch.manual_seed(0)
+    ours, ref = nn.Embedding(7, 3, sparse=True), nn.Embedding(7, 3, sparse=True)
+    ref.load_state_dict(ours.state_dict())
+    opt = AccumOptimizer(ours.parameters(), lr=0.1, momentum=0.9, accumulation_steps=K)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    scaler, ref_scaler = GradScaler("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(K):
+        x = torch.randint(0, 7, (4,), generator=gen)
+        if grads == "sparse-only":
+            ours(x).square().sum().backward()
+            (ref(x).square().sum() / K).backward()
+        if i < K - 1:
+            scaler.step(opt)
+            scaler.update()
+    scaler.unscale_(opt)
+    ref_scaler.unscale_(ref_opt)
+    if grads == "none":
+        assert ours.weight.grad is None
+    else:
+        torch.testing.assert_close(ours.weight.grad.to_dense(), ref.weight.grad.to_dense(), rtol=0, atol=0)
+    scaler.step(opt)
+    ref_scaler.step(ref_opt)
+    torch.testing.assert_close(ours.weight, ref.weight, rtol=0, atol=0)
+
 def test_clip_grad_norm_without_scaler_sees_the_mean():
     """The documented way to clip without a scaler: `opt.clip_grad_norm_` at a
     boundary returns the norm of the mean gradient (the reference's), raises

@@ -5,6 +5,21 @@ Built once per boundary step, before any state changes (every user error is
 raised here), and used by both the GradScaler's check pass and the update.
 The rules for what goes to the kernels as it is live in csrc/fusable.h; the
 C++ triage returns kinds, this module only acts on them.
+
+NOTE: [params listed twice]
+torch.optim.SGD warns about a param listed twice in a group (a tied weight
+given as `list(head.parameters()) + list(model.parameters())`) and steps it
+once per occurrence, in order, with the same .grad, sharing one momentum
+buffer; its loop reads every occurrence's buffer first, so on the buffer's
+first real update each occurrence sets b = g. The plan keeps that: the
+buckets hold each param once (what the check pass and the norm read: each
+grad counted once, as clip_grad_norm_(model.parameters()) counts it), and
+repeat buckets step the further occurrences after them, with the grad the
+first one used (the unscaled mean, once written back; else the same
+factors again) and copies of the update counters taken before the step
+(_update_pass._first_counts). One kernel call never sees a tensor twice,
+so no two threads update it at once. torch's GradScaler.unscale_ divides
+such a grad by the scale once per occurrence; ours divides it once.
 """
 
 from __future__ import annotations
@@ -63,10 +78,17 @@ class Bucket:
 
 
 class GroupPlan:
-    __slots__ = ("group", "params", "grads", "signature", "sharded", "buckets", "sparse")
+    """One param group's work. `buckets` and `sparse` hold each param once:
+    what the check pass and the norm read. A param listed twice or more in
+    the group (NOTE: [params listed twice]) is stepped again by the buckets
+    of `repeats` (one per further occurrence and bucket, in order) and by
+    `sparse_order` (indices into `sparse`, one per occurrence)."""
+
+    __slots__ = ("group", "params", "grads", "signature", "sharded", "buckets", "sparse", "repeats",
+                 "sparse_order")
 
     def __init__(self, group: dict, grads: list, signature: int | None, buckets: list[Bucket], sparse: list,
-                 sharded: bool = False):
+                 sharded: bool = False, repeats: list[Bucket] | None = None, sparse_order: list[int] | None = None):
         self.group = group
         self.sharded = sharded  # holds DTensors
         self.params = group["params"]
@@ -74,6 +96,14 @@ class GroupPlan:
         self.signature = signature  # the C++ triage's; None: per-tensor path
         self.buckets = buckets
         self.sparse: list[tuple[Tensor, Tensor]] = sparse
+        self.repeats: list[Bucket] = repeats or []
+        self.sparse_order = sparse_order
+
+    def sparse_steps(self) -> list[tuple[Tensor, Tensor]]:
+        """The sparse pairs as the update steps them: every occurrence."""
+        if self.sparse_order is None:
+            return self.sparse
+        return [self.sparse[i] for i in self.sparse_order]
 
 
 class StepPlan:
@@ -133,10 +163,11 @@ class Planner:
             sharded = self._has_dtensor(gi, params)
             grads, first_bad, signature, kparams, kgrads = _triage(params, sharded)
             if first_bad < 0:
-                buckets = self._plain(gi, params, kparams, kgrads, signature, sharded)
-                groups.append(GroupPlan(group, grads, signature, buckets, [], sharded))
+                buckets, repeats = self._plain(gi, params, kparams, kgrads, signature, sharded)
+                groups.append(GroupPlan(group, grads, signature, buckets, [], sharded, repeats))
             else:
-                groups.append(GroupPlan(group, grads, None, *self._per_tensor(gi, group, grads, sharded), sharded))
+                buckets, sparse, repeats, sparse_order = self._per_tensor(gi, group, grads, sharded)
+                groups.append(GroupPlan(group, grads, None, buckets, sparse, sharded, repeats, sparse_order))
         return StepPlan(groups, micro_step)
 
     def _plain(self, gi: int, params: list[Tensor], kparams: list[Tensor], kgrads: list, signature: int,
@@ -156,16 +187,18 @@ class Planner:
                     split.setdefault((p.device, p.dtype, reduce), []).append(i)
             for device, _, _ in split:
                 self.require_kernels(device, f"param_groups[{gi}]")
-            hit = self._splits[gi] = (params, key, [(device, reduce, idx) for (device, _, reduce), idx in split.items()])
-        buckets = []
-        for device, reduce, idx in hit[2]:
-            b = Bucket(device, plain=True, verify_state=miss, reduce=reduce)
-            b.params = b.keys = [kparams[i] for i in idx]
-            b.grads = [kgrads[i] for i in idx]
-            if sharded:
-                b.keys = [params[i] for i in idx]
-            buckets.append(b)
-        return buckets
+            hit = self._splits[gi] = (params, key, [(device, reduce, rounds) for (device, _, reduce), idx in split.items()
+                                                    for rounds in [_occurrence_rounds(params, idx)]])
+        buckets, repeats = [], []
+        for device, reduce, rounds in hit[2]:
+            for r, idx in enumerate(rounds):
+                b = Bucket(device, plain=True, verify_state=miss, reduce=reduce)
+                b.params = b.keys = [kparams[i] for i in idx]
+                b.grads = [kgrads[i] for i in idx]
+                if sharded:
+                    b.keys = [params[i] for i in idx]
+                (repeats if r else buckets).append(b)
+        return buckets, repeats
 
     def _has_dtensor(self, gi: int, params: list[Tensor]) -> bool:
         """Whether the group holds DTensors (FSDP2), cached on the list and its
@@ -189,9 +222,14 @@ class Planner:
         kinds = torch.ops.fastaccum._pair_kinds.default(params, grads)
         split: dict[tuple, Bucket] = {}
         sparse: list[tuple[Tensor, Tensor]] = []
+        sparse_order: list[int] = []
+        sparse_at: dict[Tensor, int] = {}
+        seen: dict[Tensor, int] = {}  # a param's occurrences so far (NOTE: [params listed twice])
         for pi, (key, p, g, kind) in enumerate(zip(keys, params, grads, kinds)):
             if kind == PairKind.NO_GRAD:
                 continue
+            r = seen.get(key, 0)
+            seen[key] = r + 1
             where = f"param_groups[{gi}]['params'][{pi}]"
             _raise_for(kind, where, p, g)
             self.require_kernels(p.device, where)
@@ -204,20 +242,26 @@ class Planner:
                         "weight_decay != 0; sparse gradients do not support weight decay "
                         "(torch.optim.SGD fails there too: add(sparse, dense) is not supported)"
                     )
-                sparse.append((p, g))
+                if r == 0:
+                    sparse_at[p] = len(sparse)
+                    sparse.append((p, g))
+                sparse_order.append(sparse_at[p])
                 continue
             plain = kind == PairKind.FUSABLE
             reduce = _dtensor.reduce_key(key, self._reduce_keys, where) if sharded else ()
-            b = split.get((p.device, p.dtype, plain, reduce))
+            b = split.get((r, p.device, p.dtype, plain, reduce))
             if b is None:
-                b = split[(p.device, p.dtype, plain, reduce)] = Bucket(p.device, plain, reduce=reduce)
+                b = split[(r, p.device, p.dtype, plain, reduce)] = Bucket(p.device, plain, reduce=reduce)
                 if sharded:
                     b.keys = []
             b.params.append(p)
             b.grads.append(g)
             if sharded:
                 b.keys.append(key)
-        return list(split.values()), sparse
+        buckets = [b for (r, *_), b in split.items() if r == 0]
+        repeats = [b for (r, *_), b in sorted(split.items(), key=lambda kv: kv[0][0]) if r > 0]
+        has_repeats = len(sparse_order) != len(sparse)
+        return buckets, sparse, repeats, sparse_order if has_repeats else None
 
     def require_kernels(self, device: torch.device, where: str) -> None:
         if device.type in self._devices_ok:
@@ -234,6 +278,20 @@ class Planner:
                 f"kernels support CPU, CUDA and meta (shape-only) parameters, not {device.type}"
             )
         self._devices_ok.add(device.type)
+
+
+def _occurrence_rounds(params: list[Tensor], idx: list[int]) -> list[list[int]]:
+    """`idx` (indices into `params`) split by occurrence: round 0 holds each
+    param's first, round r its (r+1)-th (NOTE: [params listed twice])."""
+    seen: dict[Tensor, int] = {}
+    rounds: list[list[int]] = [[]]
+    for i in idx:
+        r = seen.get(params[i], 0)
+        seen[params[i]] = r + 1
+        if r == len(rounds):
+            rounds.append([])
+        rounds[r].append(i)
+    return rounds
 
 
 def _triage(params: list[Tensor], sharded: bool = False) -> tuple:

@@ -24,9 +24,11 @@ def grad_multiplier(grad_factor: float, grad_scale: Tensor | None) -> float:
     return one.item()
 
 
-def sparse_step(group: dict, pairs: list[tuple[Tensor, Tensor]], state, hyper: dict, grad_factor: float,
-                grad_scale: Tensor | None, found_inf: Tensor | None, write_grads: bool,
-                clip_coef: Tensor | None = None) -> None:
+def sparse_step(group: dict, pairs: list[tuple[Tensor, Tensor]], steps: list[tuple[Tensor, Tensor]], state,
+                hyper: dict, grad_factor: float, grad_scale: Tensor | None, found_inf: Tensor | None,
+                write_grads: bool, clip_coef: Tensor | None = None) -> None:
+    """`pairs`: each sparse (param, grad) once, for the write-back; `steps`:
+    every occurrence, as torch's loop steps a param listed twice twice."""
     mul = grad_multiplier(grad_factor, grad_scale)
     # A host read, as found_inf's below: the sparse path is the host path.
     clip = 1.0 if clip_coef is None else clip_coef.item()
@@ -42,8 +44,8 @@ def sparse_step(group: dict, pairs: list[tuple[Tensor, Tensor]], state, hyper: d
     if found_inf is not None and found_inf.item() != 0:
         return
     momentum = hyper["momentum"] != 0
-    params = [p for p, _ in pairs]
-    grads = [g * mul if mul != 1.0 else g for _, g in pairs]
+    params = [p for p, _ in steps]
+    grads = [g * mul if mul != 1.0 else g for _, g in steps]
     grads = [g * clip if clip != 1.0 else g for g in grads]
     bufs = [state[p].get(_momentum.MOMENTUM) if momentum else None for p in params]
     torch_sgd(params, grads, bufs, foreach=False, fused=False, lr=as_float(group["lr"]), has_sparse_grad=True, **hyper)

@@ -251,9 +251,11 @@ class AccumOptimizer(Optimizer):
         factor = window.grad_factor()
         if factor == 1.0:
             return
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        # One foreach call for the dense ones (it splits by device and dtype).
-        torch._foreach_mul_([g for g in grads if not g.is_sparse], factor)
+        # Each grad once, also of a param listed twice.
+        grads = dict.fromkeys(p.grad for group in self.param_groups for p in group["params"] if p.grad is not None)
+        dense = [g for g in grads if not g.is_sparse]
+        if dense:  # one foreach call (it splits by device and dtype); it refuses an empty list
+            torch._foreach_mul_(dense, factor)
         for g in grads:
             if g.is_sparse:
                 g._values().mul_(factor)
