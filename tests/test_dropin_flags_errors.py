@@ -1,13 +1,15 @@
 """SGD's implementation flags and SGD's errors, on AccumOptimizer.
 
 * ``foreach`` and ``fused`` are accepted, kept in param_groups as given, and
-  change nothing: the fused kernels always run (AccumOptimizer docstring).
+  change nothing: the fused kernels always run (AccumOptimizer docstring);
+  ``fused=True`` only adds torch's fused SGD's refusals (below).
 * ``differentiable=True`` is refused (a documented deviation: the kernels
   update in place outside autograd), at construction and in add_param_group.
 * Every error input torch declares for SGD gives the same exception (or
   warning) type and message; a refused load_state_dict leaves the optimizer
   as it was.
-* Meta params take SGD's shape-only step, with ``fused=True`` too.
+* Meta params take SGD's shape-only step; with ``fused=True`` they are refused
+  as torch's fused SGD refuses them (complex params too).
 * The GradScaler hand-over (``grad_scale`` / ``found_inf`` attributes, set by
   torch's GradScaler for optimizers that take them): a step with found_inf
   set leaves no trace, grad_scale divides the gradient.
@@ -144,18 +146,17 @@ class _MetaNet(nn.Module):
 
 
 @pytest.mark.parametrize("option", option_names())
-def test_meta_params_take_the_shape_only_step_with_fused(option):
-    """torch's SGD(fused=True) refuses meta params; AccumOptimizer ignores
-    fused and takes the shape-only step SGD's default path takes: same state
-    structure. Materialising the model with to_empty() makes new params; the
-    optimizer keeps (and steps) the meta ones, as SGD does."""
+def test_meta_params_take_the_shape_only_step(option):
+    """Meta params take the shape-only step SGD's default path takes: same
+    state structure. Materialising the model with to_empty() makes new
+    params; the optimizer keeps (and steps) the meta ones, as SGD does."""
     nets, opts = [], []
-    for make, extra in ((sgd, {}), (AccumOptimizer, {"fused": True})):
+    for make in (sgd, AccumOptimizer):
         with torch.device("meta"):
             net = _MetaNet()
             for p in net.parameters():
                 p.grad = torch.empty_like(p)
-        opt = make(net.parameters(), **options(option), **extra)
+        opt = make(net.parameters(), **options(option))
         opt.step()
         nets.append(net)
         opts.append(opt)
@@ -172,6 +173,42 @@ def test_meta_params_take_the_shape_only_step_with_fused(option):
         p.grad = torch.ones_like(p)
     ours.step()
     assert all(p.is_meta for p in ours.param_groups[0]["params"])
+
+
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("where", ["constructor", "param_group"])
+@pytest.mark.parametrize("kind", ["meta", "complex"])
+def test_fused_true_refuses_what_torch_fused_sgd_refuses(kind, where, K):
+    """SGD(fused=True) raises at its first step on meta (or complex) params;
+    so does AccumOptimizer(fused=True), with torch's error, before anything
+    changes (the micro-batch is not counted; no state is made)."""
+    def make_params():
+        if kind == "meta":
+            with torch.device("meta"):
+                net = _MetaNet()
+            for p in net.parameters():
+                p.grad = torch.empty_like(p)
+            return list(net.parameters())
+        p = torch.randn(3, dtype=torch.complex64, requires_grad=True)
+        p.grad = torch.randn_like(p)
+        return [p]
+
+    def build(make, params, **kw):
+        if where == "constructor":
+            return make(params, lr=0.1, momentum=0.9, fused=True, **kw)
+        opt = make([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9, **kw)
+        opt.add_param_group({"params": params, "fused": True})
+        return opt
+
+    ref = build(torch.optim.SGD, make_params())
+    with pytest.raises(RuntimeError) as ref_err:
+        ref.step()
+    ours = build(AccumOptimizer, make_params(), accumulation_steps=K)
+    with pytest.raises(RuntimeError) as our_err:
+        ours.step()
+    assert str(our_err.value) == str(ref_err.value)
+    assert "`fused=True` requires all the params" in str(our_err.value)
+    assert ours._micro_step == 0 and not ours.state
 
 
 @pytest.mark.parametrize("found_inf", [0.0, 1.0], ids=["finite", "found-inf"])

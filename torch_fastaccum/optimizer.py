@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import _device_dtype_check_for_fused
 
 from . import _checkpoint, _clip, _momentum
 from ._check_pass import run_check
@@ -72,13 +73,16 @@ class AccumOptimizer(Optimizer):
         grad_writeback (bool): write the unscaled mean gradient into ``.grad``
             during the update (default True, +4 bytes/param for fp32). False
             leaves the scaled sum there, for loops that zero the grads next.
-        foreach, fused (bool or None): accepted for SGD compatibility and
-            ignored; the fused kernels always run.
+        foreach, fused (bool or None): accepted for SGD compatibility; the
+            fused kernels always run. ``fused=True`` refuses, at the first
+            ``step()``, the params torch's fused SGD refuses (meta, complex,
+            non-float), with its error.
         differentiable (bool): must be False (True raises ValueError).
 
     Sparse gradients take torch's unfused SGD math in the same step (they need
     weight_decay=0); params not dense in memory go through a dense copy;
-    complex params use their real view; meta params get a shape-only step.
+    complex params use their real view; meta params get a shape-only step
+    (unless ``fused=True``: torch's fused SGD refuses them).
 
     Example::
 
@@ -126,6 +130,8 @@ class AccumOptimizer(Optimizer):
         # Made here, not lazily inside step(): a compiled step must find it.
         self._planner = Planner()
         super().__init__(params, defaults)
+        if fused:
+            self._need_device_dtype_check_for_fused = True  # as SGD: its first step checks
 
     @property
     def _micro_step(self) -> int:
@@ -205,6 +211,8 @@ class AccumOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         window = self._window
+        if getattr(self, "_need_device_dtype_check_for_fused", True) and not torch.compiler.is_compiling():
+            self._check_fused_request()
         # (Not while compiling: DCP calls the eager step, and the frame walk
         # and the state's size would only add guards to a compiled one.)
         if not torch.compiler.is_compiling() and not self.state and _checkpoint.is_dcp_state_init():
@@ -222,6 +230,20 @@ class AccumOptimizer(Optimizer):
         window.close()
         run_update(plan, self.state, grad_factor, grad_scale, found_inf, clip_coef)
         return loss
+
+    def _check_fused_request(self) -> None:
+        """What SGD(fused=True) refuses, refused alike (its error, on the first
+        param with a grad of a fused group, once): our kernels would run on
+        those params, but a loop that passes fused=True must fail here as it
+        fails with torch, not train where torch's cannot."""
+        for group in self.param_groups:
+            if not group["fused"]:
+                continue
+            p = next((p for p in group["params"] if p.grad is not None), None)
+            if p is not None:
+                _device_dtype_check_for_fused(p)
+                self._need_device_dtype_check_for_fused = False
+                return
 
     def _make_state_for_dcp(self) -> None:
         """DCP's state-making step (_checkpoint.is_dcp_state_init): what SGD's
