@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _op_checks as checks
+
 __all__ = [
     "nonfinite_check_",
     "unscale_check_",
@@ -39,8 +41,21 @@ def nonfinite_check_(grads: list[Tensor], found_inf: Tensor, sumsq: Tensor | Non
 
 @torch.library.register_fake("fastaccum::nonfinite_check_")
 def _(grads, found_inf, sumsq=None):
-    torch._check(found_inf.dtype == torch.float32, lambda: "found_inf must be float32")
+    _check_flag_pass(grads, found_inf, sumsq)
     return None
+
+
+def _check_flag_pass(grads, found_inf, sumsq, grad_scale=None):
+    """nonfinite_check_'s and unscale_check_'s eager checks."""
+    if grad_scale is not None:
+        checks.check_scalar_f32(grad_scale, "grad_scale")
+    checks.check_uniform(grads, "grads")
+    checks.check_scalar_f32(found_inf, "found_inf")
+    if sumsq is not None:
+        checks.check_scalar_f32(sumsq, "sumsq")
+    checks.check_on_device(found_inf, "found_inf", grads, "grads", cpu_ok=False)
+    checks.check_on_device(sumsq, "sumsq", grads, "grads", cpu_ok=False)
+    checks.check_on_device(grad_scale, "grad_scale", grads, "grads", cpu_ok=True)
 
 
 def unscale_check_(
@@ -57,7 +72,7 @@ def unscale_check_(
 
 @torch.library.register_fake("fastaccum::unscale_check_")
 def _(grads, found_inf, grad_scale, *, factor=1.0, sumsq=None):
-    torch._check(found_inf.dtype == torch.float32, lambda: "found_inf must be float32")
+    _check_flag_pass(grads, found_inf, sumsq, grad_scale)
     return None
 
 
@@ -80,9 +95,14 @@ def norm_check_(
 
 @torch.library.register_fake("fastaccum::norm_check_")
 def _(grads, found_inf, norm_out, *, norm_type=2.0, grad_scale=None, factor=1.0):
-    torch._check(found_inf.dtype == torch.float32, lambda: "found_inf must be float32")
-    torch._check(norm_out.numel() == 1, lambda: "norm_out must have one element")
-    torch._check(norm_type == 2.0 or norm_type == float("inf"), lambda: "norm_type must be 2.0 or inf")
+    checks.check_uniform(grads, "grads")
+    checks.check_scalar_f32(found_inf, "found_inf")
+    checks.check_norm_args(grads, norm_out, norm_type)
+    if grad_scale is not None:
+        checks.check_scalar_f32(grad_scale, "grad_scale")
+    checks.check_on_device(found_inf, "found_inf", grads, "grads", cpu_ok=False)
+    checks.check_on_device(norm_out, "norm_out", grads, "grads", cpu_ok=False)
+    checks.check_on_device(grad_scale, "grad_scale", grads, "grads", cpu_ok=True)
     return None
 
 
@@ -133,9 +153,18 @@ def fused_sgd_(
 def _(params, grads, momentum_buffers, steps, *, lr, lr_tensor=None, weight_decay, momentum,
       dampening, nesterov, maximize, grad_factor=1.0, grad_scale=None, found_inf=None,
       write_grads=False, clip_coef=None):
-    torch._check(len(grads) == len(params), lambda: "grads and params differ in length")
-    for p, g in zip(params, grads):
-        torch._check(p.shape == g.shape, lambda: "grad shape differs from its param")
+    checks.check_sgd_lists(params, grads, momentum_buffers, steps, momentum != 0.0)
+    if found_inf is not None:
+        checks.check_scalar_f32(found_inf, "found_inf")
+    if grad_scale is not None:
+        checks.check_scalar_f32(grad_scale, "grad_scale")
+    if lr_tensor is not None and lr_tensor.numel() != 1:
+        raise RuntimeError("lr_tensor must have one element")
+    if clip_coef is not None:
+        checks.check_scalar_f32(clip_coef, "clip_coef")
+    for t, name in ((found_inf, "found_inf"), (grad_scale, "grad_scale"), (lr_tensor, "lr_tensor"),
+                    (clip_coef, "clip_coef")):
+        checks.check_on_device(t, name, params, "params", cpu_ok=True)
     return None
 
 
