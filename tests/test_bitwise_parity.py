@@ -41,15 +41,30 @@ CONFIGS = {
 @pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_fp32_params_bitwise_equal_to_torch_default_path(config, k, scaled):
+    _assert_bitwise_run(config, k, scaled, init_scale=2.0**10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_bitwise_at_a_loss_scale_that_is_not_a_power_of_two(k, dtype):
+    """At scale 1 + 2^-10, 1/scale is not exact: torch unscales by the
+    float32 reciprocal, and so must we (csrc/sgd_math.h inv_scale); a
+    reciprocal kept in double passes every power-of-two run above, and
+    float64 params are where it shows (their math keeps it unrounded).
+    K = 4 stays exact: (loss / 4)'s backward is the sum's times 2^-2."""
+    _assert_bitwise_run("nesterov_wd", k, True, init_scale=1.0 + 2.0**-10, dtype=dtype)
+
+
+def _assert_bitwise_run(config, k, scaled, init_scale, dtype=torch.float32):
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    ref = Net()
+    ref = Net().to(dtype)
     ours = copy.deepcopy(ref)
     hyper = CONFIGS[config]
     ref_opt = torch.optim.SGD(ref.parameters(), **hyper)
     our_opt = AccumOptimizer(ours.parameters(), accumulation_steps=k, **hyper)
-    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=5, enabled=scaled)
-    our_scaler = GradScaler("cpu", init_scale=2.0**10, growth_interval=5, enabled=scaled)
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=5, enabled=scaled)
+    our_scaler = GradScaler("cpu", init_scale=init_scale, growth_interval=5, enabled=scaled)
     g = torch.Generator().manual_seed(1)
     # maximize ascends: hand it the negated loss so the run stays finite.
     sign = -1.0 if hyper.get("maximize") else 1.0
@@ -60,7 +75,7 @@ def test_fp32_params_bitwise_equal_to_torch_default_path(config, k, scaled):
 
     updates = 40
     for i in range(updates * k):
-        x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+        x, y = torch.randn(8, 3, 32, 32, generator=g).to(dtype), torch.randint(0, 10, (8,), generator=g)
         poison = float("inf") if scaled and i in (0, 2 * k + 1) else 1.0
         ref_scaler.scale(loss_fn(ref(x), y) * poison / k).backward()
         if (i + 1) % k == 0:
