@@ -41,6 +41,16 @@ except ImportError as e:  # pragma: no cover - the message is the point
 from . import _ops  # noqa: E402,F401  (fake impls for torch.compile/opcheck)
 from .grad_scaler import GradScaler  # noqa: E402
 from .optimizer import AccumOptimizer  # noqa: E402
+from ._frameworks import (  # noqa: E402  (imports neither accelerate nor lightning)
+    lightning_configure_gradient_clipping,
+    lightning_lr_scheduler_step,
+    report_skips,
+    step_was_skipped,
+)
 
-__all__ = ["AccumOptimizer", "GradScaler"]
+__all__ = [
+    "AccumOptimizer", "GradScaler", "report_skips", "step_was_skipped",
+    "lightning_configure_gradient_clipping", "lightning_lr_scheduler_step",
+]
+
 __version__ = "0.1.0"
