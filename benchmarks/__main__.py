@@ -67,7 +67,6 @@ PATH_NAMES = {
     "torch_fused": "torch `fused=True`",
     "fastaccum": "fastaccum",
     "fastaccum_no_writeback": "fastaccum `grad_writeback=False`",
-    "fastaccum_reverse_order": "fastaccum, reverse update order",
     "fastaccum_by_value": "fastaccum, by-value launches",
 }
 NOISY_MARK = "⚠"
@@ -273,10 +272,6 @@ def _speed(result: dict) -> list[str]:
            if copy.get("exceeds_cache") is False else ""),
     ]
     lines += _counts_table(speed)
-    lines += _variant_lines(
-        speed, "reverse_order_speedup", "fastaccum_reverse_order", "forward", "reverse",
-        "Update pass order (default forward; reverse = read first what the check pass read "
-        "last; above 1x reverse would be faster):")
     lines += _variant_lines(
         speed, "table_speedup", "fastaccum_by_value", "table", "by value",
         "Launch mode (NOTE: [launch modes]; default: one launch per pass through a device table; "

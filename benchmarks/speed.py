@@ -22,7 +22,7 @@ PATHS = ("torch_default", "torch_fused", "fastaccum", "fastaccum_no_writeback")
 # which torch's paths and our default do and the opt-out does not (28/24 B
 # per fp32 parameter).
 ACCESSES = {"torch_default": 7, "torch_fused": 7, "fastaccum": 7, "fastaccum_no_writeback": 6,
-            "fastaccum_reverse_order": 7, "fastaccum_by_value": 7}
+            "fastaccum_by_value": 7}
 # A loss scale that is not 1, so every step really unscales (at 1.0 the kernels
 # skip the multiply and the write); this close to 1 the grads, unscaled again
 # on every timed step, stay normal floats for thousands of steps.
@@ -176,16 +176,10 @@ def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, war
         return step
 
     # (label, step, before, after): on CUDA the fused path also runs with the
-    # update walking the lists in reverse (FASTACCUM_CUDA_UPDATE_ORDER,
-    # reading first what the check pass read last, still in L2), against the
-    # default forward order. The kernels read the variable on every call.
+    # by-value launches a captured step makes (FASTACCUM_CUDA_LAUNCH, NOTE:
+    # [launch modes]), against the default one-launch table passes.
     runs = [(p, step_of(*setups[p]), None, None) for p in PATHS]
     if device == "cuda":
-        runs.append(("fastaccum_reverse_order", step_of(*setups["fastaccum"]),
-                     lambda: os.environ.__setitem__("FASTACCUM_CUDA_UPDATE_ORDER", "reverse"),
-                     lambda: os.environ.pop("FASTACCUM_CUDA_UPDATE_ORDER", None)))
-        # The by-value launches a captured step makes (FASTACCUM_CUDA_LAUNCH,
-        # NOTE: [launch modes]), against the default one-launch table passes.
         runs.append(("fastaccum_by_value", step_of(*setups["fastaccum"]),
                      lambda: os.environ.__setitem__("FASTACCUM_CUDA_LAUNCH", "by_value"),
                      lambda: os.environ.pop("FASTACCUM_CUDA_LAUNCH", None)))
@@ -217,8 +211,6 @@ def time_case(name: str, sizes: list[int], dtype, device: str, repeats: int, war
     out["speedup_vs_torch_default"] = out["paths"]["torch_default"]["ms"] / ours
     out["speedup_vs_torch_fused"] = out["paths"]["torch_fused"]["ms"] / ours
     out["writeback_cost"] = ours / out["paths"]["fastaccum_no_writeback"]["ms"]
-    if "fastaccum_reverse_order" in out["paths"]:  # above 1: reverse would be faster
-        out["reverse_order_speedup"] = ours / out["paths"]["fastaccum_reverse_order"]["ms"]
     if "fastaccum_by_value" in out["paths"]:  # above 1: the table passes are faster
         out["table_speedup"] = out["paths"]["fastaccum_by_value"]["ms"] / ours
     del setups

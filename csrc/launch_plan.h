@@ -19,11 +19,11 @@
 // * the trailing partial launch is always emitted;
 // * chunk indices fit in int32 (checked), offsets are chunk * chunk_size in
 //   int64, so tensors of more than 2^31 elements work;
-// * with `reverse`, tensors are visited last to first and the chunks of each
-//   tensor last to first: the exact mirror of the forward order. The update
-//   pass can run reversed, to start on the gradients the check pass read
-//   last (still in L2); measured slower on the H200, so forward is the
-//   default (csrc/cuda/fused_sgd_cuda.cu, update_order_reversed).
+// * tensors are visited first to last and the chunks of each tensor first to
+//   last, in every pass. (A reverse walk of the update pass, meant to start
+//   on the grads the check pass read last, still in L2, took 9-15% more time
+//   on the H200, benchmarks/results/nvidia-h200-2026-11-30.md, and was
+//   removed.)
 //
 // This plan serves the by-value launches (CUDA graph capture, see NOTE:
 // [launch modes] in csrc/cuda/multi_tensor_apply.cuh). The eager launches
@@ -122,7 +122,7 @@ inline int64_t checked_chunks(const int64_t* numels, size_t t, int64_t chunk_siz
 // one entry per tensor; negative entries are rejected.
 template <typename Emit>
 void for_each_launch(const int64_t* numels, size_t count, const Capacity& cap,
-                     bool reverse, Emit&& emit) {
+                     Emit&& emit) {
   if (cap.max_tensors < 1 || cap.max_blocks < 1 || cap.chunk_size < 1)
     throw std::invalid_argument("launch plan: capacities must be positive");
   Launch launch;
@@ -131,16 +131,14 @@ void for_each_launch(const int64_t* numels, size_t count, const Capacity& cap,
   const auto max_tensors = static_cast<size_t>(cap.max_tensors);
   const auto max_blocks = static_cast<size_t>(cap.max_blocks);
 
-  for (size_t k = 0; k < count; ++k) {
-    const size_t t = reverse ? count - 1 - k : k;
+  for (size_t t = 0; t < count; ++t) {
     const int64_t chunks = checked_chunks(numels, t, cap.chunk_size);
     if (chunks == 0) continue;
     launch.slots.push_back({static_cast<int64_t>(t), numels[t]});
-    for (int64_t j = 0; j < chunks; ++j) {
-      const int64_t chunk = reverse ? chunks - 1 - j : j;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       launch.blocks.push_back({static_cast<int32_t>(launch.slots.size() - 1),
                                static_cast<int32_t>(chunk)});
-      const bool last_chunk = j == chunks - 1;
+      const bool last_chunk = chunk == chunks - 1;
       const bool blocks_full = launch.blocks.size() == max_blocks;
       const bool slots_full = launch.slots.size() == max_tensors;
       if (blocks_full || (slots_full && last_chunk)) {
@@ -162,32 +160,30 @@ void for_each_launch(const int64_t* numels, size_t count, const Capacity& cap,
 
 template <typename Emit>
 void for_each_launch(const std::vector<int64_t>& numels, const Capacity& cap,
-                     bool reverse, Emit&& emit) {
-  for_each_launch(numels.data(), numels.size(), cap, reverse,
-                  static_cast<Emit&&>(emit));
+                     Emit&& emit) {
+  for_each_launch(numels.data(), numels.size(), cap, static_cast<Emit&&>(emit));
 }
 
 // NOTE: [table blocks]
 // The blocks of a one-launch (device table) pass, in launch order: emit(t,
 // chunk) for every chunk of every tensor, tensors and chunks in the order of
-// for_each_launch (reversed alike). A tensor with numel 0 gets one block of
-// no elements when `empty_gets_block` (the update with momentum: that block
-// advances the tensor's step counter, as the by-value step launch does),
-// none otherwise. Returns the block count; throws when it exceeds the grid's
-// x limit (2^31 - 1) or a tensor has more than 2^31 chunks.
+// for_each_launch. A tensor with numel 0 gets one block of no elements when
+// `empty_gets_block` (the update with momentum: that block advances the
+// tensor's step counter, as the by-value step launch does), none otherwise.
+// Returns the block count; throws when it exceeds the grid's x limit
+// (2^31 - 1) or a tensor has more than 2^31 chunks.
 template <typename Emit>
-int64_t for_each_block(const int64_t* numels, size_t count, bool reverse,
+int64_t for_each_block(const int64_t* numels, size_t count,
                        bool empty_gets_block, Emit&& emit) {
   int64_t blocks = 0;
-  for (size_t k = 0; k < count; ++k) {
-    const size_t t = reverse ? count - 1 - k : k;
+  for (size_t t = 0; t < count; ++t) {
     int64_t chunks = checked_chunks(numels, t, kChunkSize);
     if (chunks == 0 && empty_gets_block) chunks = 1;
     if (blocks + chunks > std::numeric_limits<int32_t>::max())
       throw std::invalid_argument(
           "launch plan: more than 2^31 - 1 chunks in one list");
-    for (int64_t j = 0; j < chunks; ++j)
-      emit(t, static_cast<int32_t>(reverse ? chunks - 1 - j : j));
+    for (int64_t chunk = 0; chunk < chunks; ++chunk)
+      emit(t, static_cast<int32_t>(chunk));
     blocks += chunks;
   }
   return blocks;
@@ -223,15 +219,15 @@ inline LaunchCounts count_launches(const int64_t* numels, size_t count,
   LaunchCounts c;
   if (table) {
     const auto noop = [](size_t, int32_t) {};
-    const int64_t blocks = for_each_block(numels, count, false, false, noop);
+    const int64_t blocks = for_each_block(numels, count, false, noop);
     c.check = blocks > 0 ? 1 : 0;
     c.norm = 1;
-    c.update = for_each_block(numels, count, false, momentum, noop) > 0 ? 1 : 0;
+    c.update = for_each_block(numels, count, momentum, noop) > 0 ? 1 : 0;
     return c;
   }
   auto launches = [&](int depth) {
     int64_t n = 0;
-    for_each_launch(numels, count, capacity_for_depth(depth, arg_bytes), false,
+    for_each_launch(numels, count, capacity_for_depth(depth, arg_bytes),
                     [&](const Launch&) { ++n; });
     return n;
   };

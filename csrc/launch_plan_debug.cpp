@@ -21,8 +21,7 @@ namespace fastaccum {
 namespace {
 
 std::vector<int64_t> launch_plan_debug(c10::IntArrayRef numels, int64_t depth,
-                                       bool reverse, int64_t chunk_size,
-                                       int64_t max_blocks,
+                                       int64_t chunk_size, int64_t max_blocks,
                                        int64_t max_tensors, int64_t arg_bytes) {
   TORCH_CHECK(depth >= 1 && depth <= plan::kMaxDepth, "depth must be in [1, ",
               plan::kMaxDepth, "], got ", depth);
@@ -41,8 +40,7 @@ std::vector<int64_t> launch_plan_debug(c10::IntArrayRef numels, int64_t depth,
   std::vector<int64_t> out{0};
   try {
     plan::for_each_launch(
-        numels.data(), numels.size(), cap, reverse,
-        [&](const plan::Launch& l) {
+        numels.data(), numels.size(), cap, [&](const plan::Launch& l) {
           ++out[0];
           out.push_back(static_cast<int64_t>(l.slots.size()));
           for (const auto& s : l.slots) {

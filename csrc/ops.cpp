@@ -77,7 +77,7 @@ TORCH_LIBRARY(fastaccum, m) {
   m.def("_cpu_capability() -> str",
         []() { return std::string(fastaccum::cpu::kernels().name); });
   // Debug: the CUDA launch plan (csrc/launch_plan.h), flat-encoded; impl and encoding in csrc/launch_plan_debug.cpp.
-  m.def("_launch_plan(int[] numels, int depth, bool reverse=False, int chunk_size=0, int max_blocks=0, int max_tensors=0, int arg_bytes=4096) -> int[]");
+  m.def("_launch_plan(int[] numels, int depth, int chunk_size=0, int max_blocks=0, int max_tensors=0, int arg_bytes=4096) -> int[]");
   // Debug: the CUDA launches of one call of each pass, and the device-table
   // cache's counters; csrc/launch_info.cpp.
   m.def("_cuda_launch_count(int[] numels, bool momentum=True, bool by_value=False, int arg_bytes=32764) -> int[]");

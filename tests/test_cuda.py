@@ -440,28 +440,10 @@ def test_fused_sgd_clip_coef_matches_cpu(dtype, coef_on, coef, mode):
             assert torch.equal(g1, want * torch.tensor(coef, dtype=torch.float32).to(dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fused_sgd_update_order_is_bitwise_irrelevant(dtype, monkeypatch):
-    """Forward and reverse traversal differ only in which block runs when."""
-    cfg = SGD_CONFIGS[3]
-    inputs = _sgd_inputs(_many_sizes(3, n=300), dtype, cfg["momentum"], seed=20)
-    runs = {}
-    for order in ("forward", "reverse"):
-        monkeypatch.setenv("FASTACCUM_CUDA_UPDATE_ORDER", order)
-        runs[order] = _run_sgd(DEV, *inputs, cfg, "device")
-    _assert_sgd_equal(runs["forward"], runs["reverse"], dtype, exact=True)
-    monkeypatch.setenv("FASTACCUM_CUDA_UPDATE_ORDER", "sideways")
-    if REAL_CUDA:
-        with pytest.raises(RuntimeError, match="FASTACCUM_CUDA_UPDATE_ORDER"):
-            _run_sgd(DEV, *inputs, cfg, "none")
-
-
-@pytest.mark.parametrize("order", ["forward", "reverse"])
-def test_fused_sgd_cut_tensor_first_update(order, monkeypatch):
+def test_fused_sgd_cut_tensor_first_update():
     """A tensor cut between launches, on its first real update: every chunk,
     in either launch, must see steps == 0 (b = g with no dampening), and the
     counter must advance exactly once."""
-    monkeypatch.setenv("FASTACCUM_CUDA_UPDATE_ORDER", order)
     sizes = [CHUNK * 321 + 3, 17, CHUNK * 2]
     cfg = dict(momentum=0.9, dampening=0.5, nesterov=False, weight_decay=0.0, maximize=False)
     p, g, b, s = _sgd_inputs(sizes, torch.float32, 0.9, seed=30)

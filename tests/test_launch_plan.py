@@ -19,10 +19,9 @@ MAX_BLOCKS = 320
 CHUNK = 65536
 
 
-def plan(numels, depth, reverse=False, chunk_size=0, max_blocks=0, max_tensors=0, arg_bytes=4096):
+def plan(numels, depth, chunk_size=0, max_blocks=0, max_tensors=0, arg_bytes=4096):
     """Decoded plan: a list of launches, each (slots [(tensor, numel)], blocks [(slot, chunk)])."""
-    flat = torch.ops.fastaccum._launch_plan(list(numels), depth, reverse, chunk_size, max_blocks, max_tensors,
-                                            arg_bytes)
+    flat = torch.ops.fastaccum._launch_plan(list(numels), depth, chunk_size, max_blocks, max_tensors, arg_bytes)
     it = iter(flat)
     launches = []
     for _ in range(next(it)):
@@ -33,20 +32,17 @@ def plan(numels, depth, reverse=False, chunk_size=0, max_blocks=0, max_tensors=0
     return launches
 
 
-def reference_plan(numels, cap_tensors, cap_blocks, chunk, reverse):
+def reference_plan(numels, cap_tensors, cap_blocks, chunk):
     """An independent model of NOTE: [launch plan]."""
     out, slots, blocks = [], [], []
-    order = range(len(numels) - 1, -1, -1) if reverse else range(len(numels))
-    for t in order:
-        n = numels[t]
+    for t, n in enumerate(numels):
         if n == 0:
             continue
         nchunks = -(-n // chunk)
         slots.append((t, n))
-        chunks = range(nchunks - 1, -1, -1) if reverse else range(nchunks)
-        for j, c in enumerate(chunks):
+        for c in range(nchunks):
             blocks.append((len(slots) - 1, c))
-            last = j == nchunks - 1
+            last = c == nchunks - 1
             if len(blocks) == cap_blocks or (len(slots) == cap_tensors and last):
                 out.append((list(slots), list(blocks)))
                 blocks = []
@@ -56,7 +52,7 @@ def reference_plan(numels, cap_tensors, cap_blocks, chunk, reverse):
     return out
 
 
-def check_invariants(numels, launches, cap_tensors, cap_blocks, chunk, reverse):
+def check_invariants(numels, launches, cap_tensors, cap_blocks, chunk):
     seen = []  # (tensor, chunk) in traversal order
     where = {}  # tensor -> launch indices
     for li, (slots, blocks) in enumerate(launches):
@@ -84,8 +80,8 @@ def check_invariants(numels, launches, cap_tensors, cap_blocks, chunk, reverse):
     expected = {(t, c) for t, n in enumerate(numels) for c in range(-(-n // chunk))}
     assert len(seen) == len(set(seen)), "a chunk is processed twice"
     assert set(seen) == expected, "chunks missing or extra"
-    # Traversal order: (tensor, chunk) ascending, or descending with reverse.
-    assert seen == sorted(seen, reverse=reverse)
+    # Traversal order: (tensor, chunk) ascending.
+    assert seen == sorted(seen)
     # A tensor spans consecutive launches only, and a cut tensor is the last
     # slot of one launch and slot 0 of the next.
     for t, lis in where.items():
@@ -95,18 +91,17 @@ def check_invariants(numels, launches, cap_tensors, cap_blocks, chunk, reverse):
             assert launches[b][0][0][0] == t, f"cut tensor {t} is not slot 0 of launch {b}"
 
 
-def check(numels, depth, reverse=False):
-    launches = plan(numels, depth, reverse)
-    check_invariants(numels, launches, MAX_TENSORS[depth], MAX_BLOCKS, CHUNK, reverse)
-    assert launches == reference_plan(numels, MAX_TENSORS[depth], MAX_BLOCKS, CHUNK, reverse)
+def check(numels, depth):
+    launches = plan(numels, depth)
+    check_invariants(numels, launches, MAX_TENSORS[depth], MAX_BLOCKS, CHUNK)
+    assert launches == reference_plan(numels, MAX_TENSORS[depth], MAX_BLOCKS, CHUNK)
     return launches
 
 
-@pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
-def test_capacity_per_depth(depth, reverse):
+def test_capacity_per_depth(depth):
     n = 3 * MAX_TENSORS[depth] + 7
-    launches = check([1000] * n, depth, reverse)
+    launches = check([1000] * n, depth)
     assert [len(s) for s, _ in launches] == [MAX_TENSORS[depth]] * 3 + [7]
 
 
@@ -114,14 +109,13 @@ LARGE_TENSORS = {1: 1200, 2: 800, 3: 448, 4: 384, 5: 320}
 LARGE_BLOCKS = 2048
 
 
-@pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
-def test_32k_capacity_per_depth(depth, reverse):
+def test_32k_capacity_per_depth(depth):
     """The 32 KB kernel-argument budget (NOTE: [kernel-argument budgets])."""
     numels = [1000] * (2 * LARGE_TENSORS[depth] + 7) + [CHUNK * 2100 + 3]
-    launches = plan(numels, depth, reverse, arg_bytes=32764)
-    check_invariants(numels, launches, LARGE_TENSORS[depth], LARGE_BLOCKS, CHUNK, reverse)
-    assert launches == reference_plan(numels, LARGE_TENSORS[depth], LARGE_BLOCKS, CHUNK, reverse)
+    launches = plan(numels, depth, arg_bytes=32764)
+    check_invariants(numels, launches, LARGE_TENSORS[depth], LARGE_BLOCKS, CHUNK)
+    assert launches == reference_plan(numels, LARGE_TENSORS[depth], LARGE_BLOCKS, CHUNK)
     assert max(len(b) for _, b in launches) == LARGE_BLOCKS
 
 
@@ -130,36 +124,32 @@ def test_unknown_budget_is_refused():
         plan([5], 1, arg_bytes=8000)
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_more_than_110_tensors(reverse):
+def test_more_than_110_tensors():
     numels = [random.Random(0).randint(1, 3 * CHUNK) for _ in range(1000)]
-    launches = check(numels, 1, reverse)
+    launches = check(numels, 1)
     assert len(launches) > 1000 // 110
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_empty_list_and_all_empty(reverse):
-    assert plan([], 1, reverse) == []
-    assert plan([0, 0, 0], 3, reverse) == []
+def test_empty_list_and_all_empty():
+    assert plan([], 1) == []
+    assert plan([0, 0, 0], 3) == []
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_empty_tensors_skipped(reverse):
+def test_empty_tensors_skipped():
     # Leading, middle and trailing empties: apex's launcher drops the queued
     # work when the last tensor is empty.
     numels = [0, 5, 0, 0, 70000, 0]
-    launches = check(numels, 1, reverse)
+    launches = check(numels, 1)
     assert len(launches) == 1
     slots, blocks = launches[0]
     assert sorted(t for t, _ in slots) == [1, 4]
     assert len(blocks) == 1 + 2
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_trailing_empty_after_full_launch(reverse):
+def test_trailing_empty_after_full_launch():
     # The last non-empty tensor ends a partial launch, then only empties follow.
     numels = [CHUNK * 330] + [0] * 5
-    launches = check(numels, 2, reverse)
+    launches = check(numels, 2)
     assert [len(b) for _, b in launches] == [320, 10]
 
 
@@ -169,13 +159,6 @@ def test_cut_tensor_is_carried():
     (s0, b0), (s1, b1) = launches
     assert s0 == [(0, CHUNK * 300), (1, CHUNK * 50 + 1)] and len(b0) == 320
     assert s1 == [(1, CHUNK * 50 + 1)] and b1 == [(0, c) for c in range(20, 51)]
-
-
-def test_cut_tensor_is_carried_reverse():
-    numels = [CHUNK * 50 + 1, CHUNK * 300]
-    (s0, b0), (s1, b1) = check(numels, 1, reverse=True)
-    assert s0 == [(1, CHUNK * 300), (0, CHUNK * 50 + 1)] and len(b0) == 320
-    assert s1 == [(0, CHUNK * 50 + 1)] and b1 == [(0, c) for c in range(30, -1, -1)]
 
 
 def test_tensor_ending_exactly_on_full_launch_is_not_carried():
@@ -195,24 +178,25 @@ def test_slots_full_waits_for_last_chunk():
 
 def test_huge_tensor_int64_offsets():
     n = 3_000_000_000  # > 2**31 elements; numels only, nothing is allocated
-    for reverse in (False, True):
-        launches = check([7, n, 3], 3, reverse)
-        chunks = [c for slots, blocks in launches for s, c in blocks if slots[s][0] == 1]
-        assert len(chunks) == -(-n // CHUNK) == 45777
-        last = max(chunks)
-        assert last * CHUNK > 2**31 and last * CHUNK < n <= (last + 1) * CHUNK
-    first_slots, first_blocks = plan([7, n, 3], 3, True)[0]
-    assert first_slots[0] == (2, 3) and first_blocks[0] == (0, 0)
-    assert first_slots[1] == (1, n) and first_blocks[1] == (1, 45776)
+    launches = check([7, n, 3], 3)
+    chunks = [c for slots, blocks in launches for s, c in blocks if slots[s][0] == 1]
+    assert len(chunks) == -(-n // CHUNK) == 45777
+    last = max(chunks)
+    assert last * CHUNK > 2**31 and last * CHUNK < n <= (last + 1) * CHUNK
 
 
-def test_reverse_is_mirror_of_forward_on_symmetric_lists():
+def test_tensors_and_chunks_first_to_last():
     numels = [CHUNK * 3, 100, CHUNK * 3]
-    fwd = plan(numels, 1)
-    rev = plan(numels, 1, True)
-    assert [(t, n) for t, n in fwd[0][0]] == [(0, CHUNK * 3), (1, 100), (2, CHUNK * 3)]
-    assert [(t, n) for t, n in rev[0][0]] == [(2, CHUNK * 3), (1, 100), (0, CHUNK * 3)]
-    assert [c for _, c in rev[0][1]] == [2, 1, 0, 0, 2, 1, 0]
+    (slots, blocks), = plan(numels, 1)
+    assert slots == [(0, CHUNK * 3), (1, 100), (2, CHUNK * 3)]
+    assert blocks == [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0), (2, 1), (2, 2)]
+
+
+def test_schema():
+    """The arguments plan() passes positionally; the plan has one traversal
+    order, so no order flag."""
+    args = [a.name for a in torch.ops.fastaccum._launch_plan.default._schema.arguments]
+    assert args == ["numels", "depth", "chunk_size", "max_blocks", "max_tensors", "arg_bytes"]
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -220,10 +204,9 @@ def test_random_small_capacities(seed):
     rng = random.Random(seed)
     chunk, blocks, tensors = rng.randint(1, 5), rng.randint(1, 7), rng.randint(1, 4)
     numels = [rng.choice([0, 0, 1, rng.randint(1, 40)]) for _ in range(rng.randint(0, 30))]
-    for reverse in (False, True):
-        got = plan(numels, 1, reverse, chunk, blocks, tensors)
-        check_invariants(numels, got, tensors, blocks, chunk, reverse)
-        assert got == reference_plan(numels, tensors, blocks, chunk, reverse)
+    got = plan(numels, 1, chunk, blocks, tensors)
+    check_invariants(numels, got, tensors, blocks, chunk)
+    assert got == reference_plan(numels, tensors, blocks, chunk)
 
 
 def test_bad_arguments():

@@ -10,8 +10,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "../check_inputs.h"
@@ -21,26 +19,6 @@
 
 namespace fastaccum::cuda {
 namespace {
-
-// Whether the update pass walks the lists last-to-first (see NOTE: [launch
-// plan]); the check pass always walks them first-to-last.
-// FASTACCUM_CUDA_UPDATE_ORDER=forward|reverse (default forward) lets
-// benchmarks measure both without a rebuild; it is read on every call (tens
-// of ns), so a process can switch between runs. Forward by default: on the
-// H200 the reverse walk, meant to start on grads still in L2, took 9-15% more
-// time at 100M fp32, ResNet-18 sizes and 100M bf16
-// (benchmarks/results/nvidia-h200-2026-11-30.md): 60 MiB of L2 holds little
-// of a pass over hundreds of MB, and the walk against address order costs
-// more than that saves.
-bool update_order_reversed() {
-  const char* env = std::getenv("FASTACCUM_CUDA_UPDATE_ORDER");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "forward") == 0)
-    return false;
-  TORCH_CHECK(std::strcmp(env, "reverse") == 0,
-              "FASTACCUM_CUDA_UPDATE_ORDER must be 'forward' or 'reverse', "
-              "got '", env, "'");
-  return false;
-}
 
 void fused_sgd_cuda(at::TensorList params, at::TensorList grads,
                     at::TensorList momentum_buffers, at::TensorList steps,
@@ -119,7 +97,6 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads,
     }
   }
 
-  const bool reverse = update_order_reversed();
   const std::vector<void*> param_ptrs = addresses(params, true);
   const std::vector<void*> grad_ptrs = addresses(grads, write_grads);
   std::vector<void*> buf_ptrs;
@@ -147,7 +124,7 @@ void fused_sgd_cuda(at::TensorList params, at::TensorList grads,
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(),
       "fastaccum_fused_sgd_cuda",
-      [&] { fused_sgd_launch<scalar_t>(lists, a, reverse, mode, stream); });
+      [&] { fused_sgd_launch<scalar_t>(lists, a, mode, stream); });
 }
 
 }  // namespace

@@ -207,10 +207,9 @@ struct SgdLists {
 };
 
 // All launches of one fused_sgd_ call on `stream` (NOTE: [launch modes]):
-// the update (reversed or not, see NOTE: [launch plan]), then in by-value
-// mode with momentum the step counters.
+// the update, then in by-value mode with momentum the step counters.
 template <typename scalar_t>
-void fused_sgd_launch(const SgdLists& l, const SgdArgsDevice& a, bool reverse,
+void fused_sgd_launch(const SgdLists& l, const SgdArgsDevice& a,
                       const LaunchMode& mode, cudaStream_t stream) {
   if (l.count == 0) return;
   if (a.momentum != 0.0) {
@@ -221,7 +220,7 @@ void fused_sgd_launch(const SgdLists& l, const SgdArgsDevice& a, bool reverse,
     lists.addresses[2] = l.momentum;
     lists.numels = l.numels;
     lists.steps = l.steps;
-    multi_tensor_apply_in<3, true>(mode, kUpdateMomentumTable, lists, reverse, stream,
+    multi_tensor_apply_in<3, true>(mode, kUpdateMomentumTable, lists, stream,
                                    SgdFunctor<scalar_t, true>{a});
     // In table mode the update advanced them (NOTE: [step counters]).
     if (mode.tables == nullptr && !a.skipped)
@@ -232,7 +231,7 @@ void fused_sgd_launch(const SgdLists& l, const SgdArgsDevice& a, bool reverse,
     lists.addresses[0] = l.params;
     lists.addresses[1] = l.grads;
     lists.numels = l.numels;
-    multi_tensor_apply_in<2, false>(mode, kUpdateTable, lists, reverse, stream,
+    multi_tensor_apply_in<2, false>(mode, kUpdateTable, lists, stream,
                                     SgdFunctor<scalar_t, false>{a});
   }
 }

@@ -72,12 +72,12 @@ inline size_t round8(size_t n) { return (n + 7) / 8 * 8; }
 // steady state allocates nothing). Empty tensors get a block when the pass
 // has step counters (see NOTE: [table blocks] in launch_plan.h).
 template <int kDepth>
-TableLayout build_table(const TensorLists<kDepth>& lists, bool reverse,
-                        bool with_partials, std::vector<uint8_t>& out) {
+TableLayout build_table(const TensorLists<kDepth>& lists, bool with_partials,
+                        std::vector<uint8_t>& out) {
   const bool with_steps = lists.steps != nullptr;
   TableLayout l;
-  l.block_count = plan::for_each_block(lists.numels, lists.count, reverse,
-                                       with_steps, [](size_t, int32_t) {});
+  l.block_count = plan::for_each_block(lists.numels, lists.count, with_steps,
+                                       [](size_t, int32_t) {});
   l.rows = round8(sizeof(TableHeader));
   l.blocks = l.rows + lists.count * sizeof(TableRow<kDepth>);
   l.content = round8(l.blocks + static_cast<size_t>(l.block_count) * sizeof(TableBlock));
@@ -96,7 +96,7 @@ TableLayout build_table(const TensorLists<kDepth>& lists, bool reverse,
   }
   auto* blocks = reinterpret_cast<TableBlock*>(out.data() + l.blocks);
   int64_t b = 0;
-  plan::for_each_block(lists.numels, lists.count, reverse, with_steps,
+  plan::for_each_block(lists.numels, lists.count, with_steps,
                        [&](size_t t, int32_t chunk) {
                          blocks[b++] = {static_cast<int32_t>(t), chunk};
                          ++rows[t].chunks;

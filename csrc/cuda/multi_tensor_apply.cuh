@@ -140,8 +140,8 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
 // By value: runs `functor` over the lists, launching on `stream` as the plan
 // splits them; nothing is launched for a list of empty tensors.
 template <int kDepth, bool kWithSteps, size_t kArgBytes, typename Functor>
-void multi_tensor_apply(const TensorLists<kDepth>& lists, bool reverse,
-                        cudaStream_t stream, const Functor& functor) {
+void multi_tensor_apply(const TensorLists<kDepth>& lists, cudaStream_t stream,
+                        const Functor& functor) {
   using Meta = TensorListMeta<kDepth, kWithSteps, kArgBytes>;
   static_assert(sizeof(Meta) + sizeof(Functor) <= kArgBytes,
                 "kernel arguments exceed their budget");
@@ -153,7 +153,7 @@ void multi_tensor_apply(const TensorLists<kDepth>& lists, bool reverse,
   int64_t block_base = 0;
   plan::for_each_launch(
       lists.numels, lists.count, plan::capacity_for_depth(kDepth, kArgBytes),
-      reverse, [&](const plan::Launch& launch) {
+      [&](const plan::Launch& launch) {
         for (size_t s = 0; s < launch.slots.size(); ++s) {
           const auto t = static_cast<size_t>(launch.slots[s].tensor);
           for (int d = 0; d < kDepth; ++d)
@@ -196,12 +196,10 @@ void with_arg_budget(size_t arg_bytes, F&& f) {
 }
 
 template <int kDepth, bool kWithSteps, typename Functor>
-void multi_tensor_apply_by_value(const TensorLists<kDepth>& lists, bool reverse,
-                                 size_t arg_bytes, cudaStream_t stream,
-                                 const Functor& functor) {
+void multi_tensor_apply_by_value(const TensorLists<kDepth>& lists, size_t arg_bytes,
+                                 cudaStream_t stream, const Functor& functor) {
   with_arg_budget(arg_bytes, [&](auto budget) {
-    multi_tensor_apply<kDepth, kWithSteps, decltype(budget)::value>(lists, reverse, stream,
-                                                                    functor);
+    multi_tensor_apply<kDepth, kWithSteps, decltype(budget)::value>(lists, stream, functor);
   });
 }
 
@@ -266,12 +264,12 @@ struct TableRef {
 };
 
 template <int kDepth>
-TableRef upload_table(const TensorLists<kDepth>& lists, bool reverse,
-                      bool with_partials, int kind, TableSource& source) {
+TableRef upload_table(const TensorLists<kDepth>& lists, bool with_partials, int kind,
+                      TableSource& source) {
   // Reused across calls: a steady-state call allocates nothing on the host.
   thread_local std::vector<uint8_t> bytes;
   TableRef t;
-  t.layout = build_table(lists, reverse, with_partials, bytes);
+  t.layout = build_table(lists, with_partials, bytes);
   // The first param with an address (empty tensors may have none).
   uint64_t anchor = 0;
   if (kind == kUpdateTable || kind == kUpdateMomentumTable)
@@ -297,14 +295,13 @@ void multi_tensor_apply_table(const TableRef& t, cudaStream_t stream,
 // blocks: one table launch, or the by-value launches.
 template <int kDepth, bool kWithSteps, typename Functor>
 void multi_tensor_apply_in(const LaunchMode& mode, int kind,
-                          const TensorLists<kDepth>& lists, bool reverse,
-                          cudaStream_t stream, const Functor& functor) {
+                          const TensorLists<kDepth>& lists, cudaStream_t stream,
+                          const Functor& functor) {
   if (mode.tables != nullptr) {
-    const TableRef t = upload_table(lists, reverse, false, kind, *mode.tables);
+    const TableRef t = upload_table(lists, false, kind, *mode.tables);
     multi_tensor_apply_table<kDepth>(t, stream, functor);
   } else {
-    multi_tensor_apply_by_value<kDepth, kWithSteps>(lists, reverse, mode.arg_bytes,
-                                                    stream, functor);
+    multi_tensor_apply_by_value<kDepth, kWithSteps>(lists, mode.arg_bytes, stream, functor);
   }
 }
 

@@ -77,10 +77,10 @@ void nonfinite_check_launch(size_t count, void* const* grads,
   lists.addresses[0] = grads;
   lists.numels = numels;
   if (write) {
-    multi_tensor_apply_in<1, false>(mode, kCheckTable, lists, false, stream,
+    multi_tensor_apply_in<1, false>(mode, kCheckTable, lists, stream,
                                     CheckFunctor<scalar_t, true>{a});
   } else {  // grad_scale and factor are unused: nothing is unscaled
-    multi_tensor_apply_in<1, false>(mode, kCheckTable, lists, false, stream,
+    multi_tensor_apply_in<1, false>(mode, kCheckTable, lists, stream,
                                     CheckFunctor<scalar_t, false>{a});
   }
 }

@@ -139,7 +139,7 @@ void norm_check_launch(size_t count, void* const* grads, const int64_t* numels,
   lists.addresses[0] = grads;
   lists.numels = numels;
   if (mode.tables != nullptr) {
-    const TableRef t = upload_table(lists, false, true, kNormTable, *mode.tables);
+    const TableRef t = upload_table(lists, true, kNormTable, *mode.tables);
     if (t.layout.block_count > 0) {
       a.partials = t.partials();
       a.done = &t.header()->call_ticket;
@@ -149,7 +149,7 @@ void norm_check_launch(size_t count, void* const* grads, const int64_t* numels,
     }
     a.partials = nullptr;
   } else {
-    multi_tensor_apply_by_value<1, false>(lists, false, mode.arg_bytes, stream,
+    multi_tensor_apply_by_value<1, false>(lists, mode.arg_bytes, stream,
                                           NormFunctor<scalar_t, out_t>{a});
   }
   launch_kernel(&norm_finish_kernel<out_t>, 1u, static_cast<unsigned>(kBlockSize),

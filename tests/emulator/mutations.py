@@ -40,7 +40,7 @@ class Mutation:
 
 ADVANCE = ("    if (mode.tables == nullptr && !a.skipped)\n"
            "      advance_steps(l.steps, l.count, a.found_inf, mode.arg_bytes, stream);\n")
-UPDATE_CALL = "    multi_tensor_apply_in<3, true>(mode, kUpdateMomentumTable, lists, reverse, stream,\n"
+UPDATE_CALL = "    multi_tensor_apply_in<3, true>(mode, kUpdateMomentumTable, lists, stream,\n"
 READ_STEP = "    const float step = kMomentum ? *c.step : 1.f;\n"
 
 MUTATIONS = [

@@ -22,14 +22,13 @@ struct BlockTarget {
 // blocks for_each_block enumerates (empty tensors get one with step
 // counters); by value, the plan's launches within the budget `arg_bytes`.
 inline std::vector<std::vector<BlockTarget>> plan_blocks(const std::vector<int64_t>& numels,
-                                                         int depth, bool reverse,
-                                                         bool table = false,
+                                                         int depth, bool table = false,
                                                          size_t arg_bytes = fastaccum::plan::kSmallArgBytes,
                                                          bool with_steps = false) {
   std::vector<std::vector<BlockTarget>> launches;
   if (table) {
     std::vector<BlockTarget> blocks;
-    fastaccum::plan::for_each_block(numels.data(), numels.size(), reverse, with_steps,
+    fastaccum::plan::for_each_block(numels.data(), numels.size(), with_steps,
                                     [&](size_t t, int32_t chunk) {
                                       blocks.push_back({static_cast<int64_t>(t), chunk});
                                     });
@@ -37,7 +36,7 @@ inline std::vector<std::vector<BlockTarget>> plan_blocks(const std::vector<int64
     return launches;
   }
   fastaccum::plan::for_each_launch(
-      numels, fastaccum::plan::capacity_for_depth(depth, arg_bytes), reverse,
+      numels, fastaccum::plan::capacity_for_depth(depth, arg_bytes),
       [&](const fastaccum::plan::Launch& l) {
         std::vector<BlockTarget> blocks;
         for (const auto& b : l.blocks) blocks.push_back({l.slots[b.slot].tensor, b.chunk});
@@ -50,10 +49,10 @@ inline std::vector<std::vector<BlockTarget>> plan_blocks(const std::vector<int64
 // active(tensor, chunk); later launches (e.g. the step counters') run whole.
 class ChunkFilter {
  public:
-  ChunkFilter(const std::vector<int64_t>& numels, int depth, bool reverse,
+  ChunkFilter(const std::vector<int64_t>& numels, int depth,
               std::function<bool(int64_t tensor, int64_t chunk)> active, bool table = false,
               size_t arg_bytes = fastaccum::plan::kSmallArgBytes, bool with_steps = false)
-      : launches_(plan_blocks(numels, depth, reverse, table, arg_bytes, with_steps)),
+      : launches_(plan_blocks(numels, depth, table, arg_bytes, with_steps)),
         first_launch_(fastaccum::emu::launch_count()) {
     fastaccum::emu::set_block_filter([this, active](size_t launch, unsigned block) {
       const size_t l = launch - first_launch_;

@@ -102,7 +102,7 @@ bool runs(const TensorSpec& s, int64_t chunk) {
 
 template <typename T>
 void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, const Config& c,
-             const Scalars& s, bool reverse, uint64_t seed, bool write_grad, bool flat = false,
+             const Scalars& s, uint64_t seed, bool write_grad, bool flat = false,
              const Clip* clip = nullptr, const ModeSpec& mode = kTableMode) {
   const bool momentum = c.momentum != 0.0;
   const size_t count = specs.size();
@@ -189,11 +189,11 @@ void run_sgd(const std::string& label, const std::vector<TensorSpec>& specs, con
   {
     std::optional<ChunkFilter> filter;
     if (any_sparse)
-      filter.emplace(numels, momentum ? 3 : 2, reverse,
+      filter.emplace(numels, momentum ? 3 : 2,
                      [&](int64_t t, int64_t chunk) { return runs(specs[t], chunk); }, mode.table,
                      mode.arg_bytes, momentum);
     const size_t before = fastaccum::emu::launch_count();
-    fastaccum::cuda::fused_sgd_launch<T>(lists, a, reverse, launch_mode(mode), nullptr);
+    fastaccum::cuda::fused_sgd_launch<T>(lists, a, launch_mode(mode), nullptr);
     const auto want = expected_launches(numels, momentum, mode);
     const int64_t want_launches = want.update + (momentum ? want.steps : 0);
     const auto made = static_cast<int64_t>(fastaccum::emu::launch_count() - before);
@@ -275,64 +275,61 @@ void add_cases() {
   uint64_t seed = 100;
   for (const Config& c : kConfigs)
     for (const Scalars& s : kScalars) {
-      // Order and grad write-back alternate with different periods, so each
-      // option meets both values of each.
-      const bool reverse = (seed % 2) == 0;
+      // Grad write-back alternates with a period other than the mode's, so
+      // each launch mode meets both values.
       const bool write_grad = (seed / 2) % 2 == 0;
       // Table mode for two cases in three; each by-value budget for the rest.
       const ModeSpec& mode = seed % 3 != 2 ? kTableMode : (seed / 3) % 2 ? kByValue4k : kByValue32k;
       ++seed;
       const std::string name = "options/" + dt + "/" + c.name + "/" + s.name +
-                               (reverse ? "/reverse" : "/forward") +
                                (write_grad ? "/write_grads" : "") + "/" + mode.name;
       add_case(name, [=, &mode] {
-        run_sgd<T>(name, boundary_sizes(), c, s, reverse, seed, write_grad, false, nullptr, mode);
+        run_sgd<T>(name, boundary_sizes(), c, s, seed, write_grad, false, nullptr, mode);
       });
     }
-  for (const bool reverse : {false, true})
   for (const ModeSpec& mode : kModes) {
-    const std::string order = std::string(reverse ? "/reverse" : "/forward") + "/" + mode.name;
+    const std::string suffix = std::string("/") + mode.name;
     {
-      const std::string name = "first_update_nan_buffers/" + dt + order;
+      const std::string name = "first_update_nan_buffers/" + dt + suffix;
       add_case(name, [=, &mode] {
-        run_sgd<T>(name, many_sizes(7, 130, 0.f), kConfigs[4], kScalars[1], reverse, 11, true, false, nullptr, mode);
+        run_sgd<T>(name, many_sizes(7, 130, 0.f), kConfigs[4], kScalars[1], 11, true, false, nullptr, mode);
       });
     }
     {
-      const std::string name = "flat_buffer_views/" + dt + order;
+      const std::string name = "flat_buffer_views/" + dt + suffix;
       add_case(name, [=, &mode] {
-        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kScalars[1], reverse, 17, true, /*flat=*/true, nullptr, mode);
-        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kScalars[2], reverse, 18, false, true, nullptr, mode);
+        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kScalars[1], 17, true, /*flat=*/true, nullptr, mode);
+        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kScalars[2], 18, false, true, nullptr, mode);
       });
     }
     {
-      const std::string name = "found_inf_skips_everything/" + dt + order;
+      const std::string name = "found_inf_skips_everything/" + dt + suffix;
       add_case(name, [=, &mode] {
-        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kSkip, reverse, 12, false, false, nullptr, mode);
-        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kSkip, reverse, 13, false, false, nullptr, mode);
+        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kSkip, 12, false, false, nullptr, mode);
+        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kSkip, 13, false, false, nullptr, mode);
       });
     }
     {
       // The only writes of a skipped step: the grads, unscaled.
-      const std::string name = "found_inf_unscales_grads_only/" + dt + order;
+      const std::string name = "found_inf_unscales_grads_only/" + dt + suffix;
       add_case(name, [=, &mode] {
-        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kSkip, reverse, 19, true, false, nullptr, mode);
-        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kSkip, reverse, 20, true, false, nullptr, mode);
+        run_sgd<T>(name, boundary_sizes(), kConfigs[3], kSkip, 19, true, false, nullptr, mode);
+        run_sgd<T>(name + "/no_momentum", boundary_sizes(), kConfigs[1], kSkip, 20, true, false, nullptr, mode);
       });
     }
     {
-      const std::string name = "many_tensors/" + dt + order;
+      const std::string name = "many_tensors/" + dt + suffix;
       add_case(name, [=, &mode] {
-        run_sgd<T>(name, many_sizes(8, 500, -1.f), kConfigs[3], kScalars[3], reverse, 14, true, false, nullptr, mode);
+        run_sgd<T>(name, many_sizes(8, 500, -1.f), kConfigs[3], kScalars[3], 14, true, false, nullptr, mode);
       });
     }
     {
       // One tensor of 322 chunks: the 320-block limit cuts it, and its
       // first and last chunks run on both sides of the cut.
-      const std::string name = "block_limit_cut/" + dt + order;
+      const std::string name = "block_limit_cut/" + dt + suffix;
       add_case(name, [=, &mode] {
         std::vector<TensorSpec> s = {{5}, {322 * kChunk - 9, {1, 0, 0}, 0.f, {0, 1, 2, 3, 316, 317, 318, 319, 320, 321}}, {77}};
-        run_sgd<T>(name, s, kConfigs[2], kScalars[1], reverse, 15, true, false, nullptr, mode);
+        run_sgd<T>(name, s, kConfigs[2], kScalars[1], 15, true, false, nullptr, mode);
       });
     }
   }
@@ -421,7 +418,7 @@ void run_table_reuse(const std::string& label) {
     src.stream = call == 3 ? 2 : 1;
     const bool second_optimizer = call == 4;
     const size_t before = fastaccum::emu::launch_count();
-    fastaccum::cuda::fused_sgd_launch<T>(second_optimizer ? other : lists, a, false,
+    fastaccum::cuda::fused_sgd_launch<T>(second_optimizer ? other : lists, a,
                                          launch_mode(kTableMode), nullptr);
     const std::string at = label + " call " + std::to_string(call + 1);
     check(fastaccum::emu::launch_count() - before == 1, at + ": one launch");
@@ -459,22 +456,20 @@ void add_clip_cases() {
   struct Run {
     const Config& config;
     const Scalars& scalars;
-    bool reverse, write_grad;
+    bool write_grad;
   };
   const Run runs[] = {
-      {kConfigs[0], kScalars[0], false, true},  {kConfigs[3], kScalars[1], true, false},
-      {kConfigs[4], kScalars[2], false, true},  {kConfigs[2], kScalars[3], true, true},
-      {kConfigs[3], kSkip, false, true},        {kConfigs[1], kSkip, true, false},
+      {kConfigs[0], kScalars[0], true},  {kConfigs[3], kScalars[1], false},
+      {kConfigs[4], kScalars[2], true},  {kConfigs[2], kScalars[3], true},
+      {kConfigs[3], kSkip, true},        {kConfigs[1], kSkip, false},
   };
   uint64_t seed = 300;
   for (const Clip& clip : kClips)
     for (const Run& r : runs) {
       const std::string name = "clip/" + dt + "/" + clip.name + "/" + r.config.name + "/" +
-                               r.scalars.name + (r.reverse ? "/reverse" : "/forward") +
-                               (r.write_grad ? "/write_grads" : "");
+                               r.scalars.name + (r.write_grad ? "/write_grads" : "");
       add_case(name, [=, &clip] {
-        run_sgd<T>(name, boundary_sizes(), r.config, r.scalars, r.reverse, seed, r.write_grad, false,
-                   &clip);
+        run_sgd<T>(name, boundary_sizes(), r.config, r.scalars, seed, r.write_grad, false, &clip);
       });
       ++seed;
     }
@@ -487,15 +482,13 @@ void add_huge_cases() {
   const std::string dt = type_name<T>();
   const int64_t n = (int64_t{1} << 31) + 777;
   const int64_t last = (n - 1) / kChunk;
-  for (const bool reverse : {false, true})
-    for (const ModeSpec& mode : kModes) {
-      const std::string name = std::string("over_2^31_elements/") + dt +
-                               (reverse ? "/reverse/" : "/forward/") + mode.name;
-      add_case(name, [=, &mode] {
-        std::vector<TensorSpec> s = {{3}, {n, {0, 0, 0}, 0.f, {0, last - 2, last - 1, last}}, {11}};
-        run_sgd<T>(name, s, kConfigs[4], kScalars[1], reverse, 16, true, false, nullptr, mode);
-      });
-    }
+  for (const ModeSpec& mode : kModes) {
+    const std::string name = std::string("over_2^31_elements/") + dt + "/" + mode.name;
+    add_case(name, [=, &mode] {
+      std::vector<TensorSpec> s = {{3}, {n, {0, 0, 0}, 0.f, {0, last - 2, last - 1, last}}, {11}};
+      run_sgd<T>(name, s, kConfigs[4], kScalars[1], 16, true, false, nullptr, mode);
+    });
+  }
 }
 
 }  // namespace

@@ -86,7 +86,7 @@ void run_check(const std::string& label, const std::vector<TensorSpec>& specs, c
   {
     std::optional<ChunkFilter> filter;
     if (std::any_of(specs.begin(), specs.end(), [](const TensorSpec& t) { return t.sparse(); }))
-      filter.emplace(numels, 1, false, [&](int64_t t, int64_t c) { return runs(specs[t], c); },
+      filter.emplace(numels, 1, [&](int64_t t, int64_t c) { return runs(specs[t], c); },
                      mode.table, mode.arg_bytes);
     const size_t before = fastaccum::emu::launch_count();
     fastaccum::cuda::nonfinite_check_launch<T>(count, ptrs.data(), numels.data(), a, m.write,

@@ -127,7 +127,7 @@ bool run_norm(const std::string& label, const std::vector<TensorSpec>& specs, co
   size_t planned_launches = 0;
   // The table's one launch covers the blocks of the by-value launches, in
   // their order (NOTE: [table blocks]).
-  for (const auto& launch : plan_blocks(numels, 1, false, mode.table, mode.arg_bytes)) {
+  for (const auto& launch : plan_blocks(numels, 1, mode.table, mode.arg_bytes)) {
     ++planned_launches;
     for (const BlockTarget& b : launch) {
       Block blk{b.tensor, b.chunk, runs(specs[b.tensor], b.chunk), {}};
@@ -157,7 +157,7 @@ bool run_norm(const std::string& label, const std::vector<TensorSpec>& specs, co
     const auto sparse = [](const TensorSpec& t) { return t.sparse(); };
     for (Result<T>* r : {&first, &second}) {
       if (std::any_of(specs.begin(), specs.end(), sparse))
-        filter.emplace(numels, 1, false, [&](int64_t t, int64_t c) { return runs(specs[t], c); },
+        filter.emplace(numels, 1, [&](int64_t t, int64_t c) { return runs(specs[t], c); },
                        mode.table, mode.arg_bytes);
       run_once<T>(*r, ptrs, numels, m, inf_norm, scale, init, block_runs, mode);
       filter.reset();
