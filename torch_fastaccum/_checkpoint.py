@@ -9,6 +9,15 @@ group key already (accumulation_steps). The live groups hold GROUP_KEY too,
 as None (the window holds the counter): DCP's flattened format
 (flatten_optimizer_state_dict=True, as torchtitan saves) loads only the
 group keys the live groups have.
+
+A torch.optim.SGD checkpoint saved with DCP lacks our three group keys
+(accumulation_steps, grad_writeback, GROUP_KEY); DCP reads every key of the
+target's template (dcp.load's planner) and of its live groups
+(_unflatten_optim_state_dict, flattened format), before load_state_dict
+runs. dcp.load(..., planner=DefaultLoadPlanner(allow_partial_load=True))
+keeps the template's values for them, which are the constructor's for a
+fresh optimizer (tests/test_dcp_state.py), as for torch's own optimizers
+when torch adds a group key.
 """
 
 from __future__ import annotations
