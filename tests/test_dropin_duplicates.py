@@ -125,32 +125,29 @@ def test_tied_weight_listed_twice_trains_as_sgd(option, K):
     _assert_runs_equal(ref_m, ours_m, ref_opt, our_opt, ref_grads, our_grads)
 
 
-@pytest.mark.parametrize("writeback", [True, False], ids=["grad_writeback", "no-writeback"])
-def test_tied_weight_with_a_scaler_and_the_fused_clip(writeback):
-    """A power-of-two loss scale is exact, so the reference is SGD without a
-    scaler (torch's GradScaler.unscale_ divides a grad listed twice by the
-    scale twice: ours divides it once). The clip norm counts the tied grad
-    once, as clip_grad_norm_(model.parameters()) does."""
-    kw, K = OPTIONS["wd-dampening"], 4
+@pytest.mark.parametrize(
+    "option, K, clip, scaled, writeback",
+    [
+        pytest.param("wd-dampening", 4, 0.5, True, True, id="scaler"),
+        pytest.param("wd-dampening", 4, 0.5, True, False, id="scaler-no-writeback"),
+        pytest.param("momentum", 2, 0.3, False, True, id="no-scaler"),
+    ],
+)
+def test_tied_weight_with_the_fused_clip(option, K, clip, scaled, writeback):
+    """The clip norm counts the tied grad once, as
+    clip_grad_norm_(model.parameters()) does. A power-of-two loss scale is
+    exact, so the reference is SGD without a scaler (torch's
+    GradScaler.unscale_ divides a grad listed twice by the scale twice: ours
+    divides it once)."""
+    kw = OPTIONS[option]
     torch.manual_seed(0)
     ref_m = TiedLM()
     ours_m = copy.deepcopy(ref_m)
     batches = _batches(3 * K)
-    ref_opt, ref_grads, ref_norms = _reference(ref_m, kw, K, batches, clip=0.5)
-    our_opt, our_grads, our_norms = _ours(ours_m, kw, K, batches, clip=0.5, grad_writeback=writeback,
-                                          scaler=GradScaler("cpu", init_scale=2.0**8))
+    _, ref_grads, ref_norms = _reference(ref_m, kw, K, batches, clip=clip)
+    scaler = GradScaler("cpu", init_scale=2.0**8) if scaled else None
+    _, our_grads, our_norms = _ours(ours_m, kw, K, batches, clip=clip, grad_writeback=writeback, scaler=scaler)
     _assert_clipped_runs_close(ref_m, ours_m, ref_norms, our_norms, ref_grads, our_grads if writeback else None)
-
-
-def test_tied_weight_fused_clip_without_a_scaler():
-    kw, K = OPTIONS["momentum"], 2
-    torch.manual_seed(0)
-    ref_m = TiedLM()
-    ours_m = copy.deepcopy(ref_m)
-    batches = _batches(3 * K)
-    ref_opt, ref_grads, ref_norms = _reference(ref_m, kw, K, batches, clip=0.3)
-    our_opt, our_grads, our_norms = _ours(ours_m, kw, K, batches, clip=0.3)
-    _assert_clipped_runs_close(ref_m, ours_m, ref_norms, our_norms, ref_grads, our_grads)
 
 
 def _assert_clipped_runs_close(ref_m, ours_m, ref_norms, our_norms, ref_grads, our_grads):
