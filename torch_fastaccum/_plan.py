@@ -6,20 +6,7 @@ raised here), and used by both the GradScaler's check pass and the update.
 The rules for what goes to the kernels as it is live in csrc/fusable.h; the
 C++ triage returns kinds, this module only acts on them.
 
-NOTE: [params listed twice]
-torch.optim.SGD warns about a param listed twice in a group (a tied weight
-given as `list(head.parameters()) + list(model.parameters())`) and steps it
-once per occurrence, in order, with the same .grad, sharing one momentum
-buffer; its loop reads every occurrence's buffer first, so on the buffer's
-first real update each occurrence sets b = g. The plan keeps that: the
-buckets hold each param once (what the check pass and the norm read: each
-grad counted once, as clip_grad_norm_(model.parameters()) counts it), and
-repeat buckets step the further occurrences after them, with the grad the
-first one used (the unscaled mean, once written back; else the same
-factors again) and copies of the update counters taken before the step
-(_update_pass._first_counts). One kernel call never sees a tensor twice,
-so no two threads update it at once. torch's GradScaler.unscale_ divides
-such a grad by the scale once per occurrence; ours divides it once.
+A param listed twice in a group: NOTE: [params listed twice] in _repeats.py.
 """
 
 from __future__ import annotations
@@ -32,6 +19,7 @@ from torch import Tensor
 
 from . import _dtensor, _ops
 from ._hyper import as_float
+from ._repeats import occurrence_numbers, occurrence_rounds
 
 
 class PairKind(enum.IntEnum):
@@ -80,7 +68,7 @@ class Bucket:
 class GroupPlan:
     """One param group's work. `buckets` and `sparse` hold each param once:
     what the check pass and the norm read. A param listed twice or more in
-    the group (NOTE: [params listed twice]) is stepped again by the buckets
+    the group (NOTE: [params listed twice] in _repeats.py) is stepped again by the buckets
     of `repeats` (one per further occurrence and bucket, in order) and by
     `sparse_order` (indices into `sparse`, one per occurrence)."""
 
@@ -188,7 +176,7 @@ class Planner:
             for device, _, _ in split:
                 self.require_kernels(device, f"param_groups[{gi}]")
             hit = self._splits[gi] = (params, key, [(device, reduce, rounds) for (device, _, reduce), idx in split.items()
-                                                    for rounds in [_occurrence_rounds(params, idx)]])
+                                                    for rounds in [occurrence_rounds(params, idx)]])
         buckets, repeats = [], []
         for device, reduce, rounds in hit[2]:
             for r, idx in enumerate(rounds):
@@ -224,12 +212,10 @@ class Planner:
         sparse: list[tuple[Tensor, Tensor]] = []
         sparse_order: list[int] = []
         sparse_at: dict[Tensor, int] = {}
-        seen: dict[Tensor, int] = {}  # a param's occurrences so far (NOTE: [params listed twice])
-        for pi, (key, p, g, kind) in enumerate(zip(keys, params, grads, kinds)):
+        # A param listed twice has one grad: both occurrences are NO_GRAD or neither.
+        for pi, (key, p, g, kind, r) in enumerate(zip(keys, params, grads, kinds, occurrence_numbers(keys))):
             if kind == PairKind.NO_GRAD:
                 continue
-            r = seen.get(key, 0)
-            seen[key] = r + 1
             where = f"param_groups[{gi}]['params'][{pi}]"
             _raise_for(kind, where, p, g)
             self.require_kernels(p.device, where)
@@ -278,20 +264,6 @@ class Planner:
                 f"kernels support CPU, CUDA and meta (shape-only) parameters, not {device.type}"
             )
         self._devices_ok.add(device.type)
-
-
-def _occurrence_rounds(params: list[Tensor], idx: list[int]) -> list[list[int]]:
-    """`idx` (indices into `params`) split by occurrence: round 0 holds each
-    param's first, round r its (r+1)-th (NOTE: [params listed twice])."""
-    seen: dict[Tensor, int] = {}
-    rounds: list[list[int]] = [[]]
-    for i in idx:
-        r = seen.get(params[i], 0)
-        seen[params[i]] = r + 1
-        if r == len(rounds):
-            rounds.append([])
-        rounds[r].append(i)
-    return rounds
 
 
 def _triage(params: list[Tensor], sharded: bool = False) -> tuple:

@@ -10,6 +10,7 @@ from . import _momentum, _ops
 from ._hyper import as_float
 from ._layout import is_dense, like, real, to_device
 from ._plan import Bucket, StepPlan
+from ._repeats import first_counts
 from ._sparse_step import sparse_step
 
 
@@ -32,10 +33,11 @@ def run_update(plan: StepPlan, state, grad_factor: float, grad_scale: Tensor | N
         )
         lr = group["lr"]
         momentum = hyper["momentum"] != 0
-        # Taken before any launch: see _first_counts.
-        first_counts = _first_counts(gp.repeats, state) if gp.repeats and momentum else []
+        # Taken before any launch (NOTE: [params listed twice] in _repeats.py).
+        counts_before = first_counts(gp.repeats, state) if gp.repeats and momentum else []
         for i, b in enumerate(gp.buckets + gp.repeats):
             again = i >= len(gp.buckets)  # a param listed twice, stepped again
+            write = write_grads and not again
             if b.device not in per_device:
                 per_device[b.device] = tuple(
                     None if t is None else to_device(t, b.device) for t in (grad_scale, found_inf, clip_coef)
@@ -48,28 +50,19 @@ def run_update(plan: StepPlan, state, grad_factor: float, grad_scale: Tensor | N
                 lr_f, lr_t = 1.0, lr
             else:
                 lr_f, lr_t = as_float(lr), None
-            params, grads, bufs, counts, writeback = kernel_lists(b, state, momentum, write_grads and not again)
+            params, grads, bufs, counts, writeback = kernel_lists(b, state, momentum, write)
             if again and momentum:
-                counts = first_counts[i - len(gp.buckets)]
+                counts = counts_before[i - len(gp.buckets)]
             _ops.fused_sgd_(
                 params, grads, bufs, counts,
                 lr=lr_f, lr_tensor=lr_t, grad_factor=factor, grad_scale=scale_d, found_inf=inf_d,
-                write_grads=write_grads and not again, clip_coef=clip_d, **hyper,
+                write_grads=write, clip_coef=clip_d, **hyper,
             )
             for t, stand_in in writeback:
                 t.copy_(stand_in)
         if gp.sparse:
             sparse_step(group, gp.sparse, gp.sparse_steps(), state, hyper, grad_factor, grad_scale, found_inf,
                         write_grads, clip_coef)
-
-
-def _first_counts(repeats: list[Bucket], state) -> list[list[Tensor]]:
-    """The update counters the repeat buckets run with (NOTE: [params listed
-    twice] in _plan.py): copies taken before any launch of the step, so that
-    every occurrence of a param whose buffer had no real update yet sets
-    b = g. The state they belong to is made here if missing."""
-    return [[c.clone() for c in _momentum.kernel_state(state, b.keys, b.params, True, b.sharded)[1]]
-            for b in repeats]
 
 
 def kernel_lists(b: Bucket, state, momentum: bool, write_grads: bool):
