@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from torch import Tensor
+from torch.optim.optimizer import _device_dtype_check_for_fused
 
 # SGD's __setstate__ defaults for keys that older state dicts lack.
 SGD_GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": False}
@@ -53,3 +54,18 @@ def validate_options(accumulation_steps, grad_writeback, differentiable) -> None
             "AccumOptimizer does not support differentiable=True: its fused "
             "kernels update parameters in place outside autograd"
         )
+
+
+def check_fused_request(param_groups: list[dict]) -> bool:
+    """What SGD(fused=True) refuses at its first step, refused alike: torch's
+    check and error, on the first param with a grad of a fused group. Our
+    kernels would run on those params (meta, complex), but a loop that asks
+    for fused=True must fail as it fails with torch, not train where torch's
+    cannot. Returns whether a param was checked (SGD checks once)."""
+    for group in param_groups:
+        if group["fused"]:
+            p = next((p for p in group["params"] if p.grad is not None), None)
+            if p is not None:
+                _device_dtype_check_for_fused(p)
+                return True
+    return False

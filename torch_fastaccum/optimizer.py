@@ -15,12 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.optimizer import _device_dtype_check_for_fused
 
 from . import _checkpoint, _clip, _momentum
 from ._check_pass import run_check
 from ._grad_sync import skipped_grad_sync
-from ._hyper import validate_group, validate_options, validate_sgd
+from ._hyper import check_fused_request, validate_group, validate_options, validate_sgd
 from ._plan import Planner
 from ._update_pass import run_update
 from ._window import AccumulationWindow
@@ -129,9 +128,10 @@ class AccumOptimizer(Optimizer):
         self._window = AccumulationWindow(accumulation_steps)
         # Made here, not lazily inside step(): a compiled step must find it.
         self._planner = Planner()
+        # SGD(fused=True)'s first step checks the params (check_fused_request):
+        # None while no group is fused, True until it has checked, then False.
+        self._fused_check: bool | None = None
         super().__init__(params, defaults)
-        if fused:
-            self._need_device_dtype_check_for_fused = True  # as SGD: its first step checks
 
     @property
     def _micro_step(self) -> int:
@@ -146,6 +146,8 @@ class AccumOptimizer(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        if self.param_groups[-1]["fused"] and self._fused_check is None:
+            self._fused_check = True
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
@@ -156,6 +158,8 @@ class AccumOptimizer(Optimizer):
         _checkpoint.fill_defaults(self.defaults, self.param_groups)
         self._window.k = self.defaults["accumulation_steps"]
         _momentum.after_load(self.state)
+        if "_fused_check" not in self.__dict__:  # unpickled: checks again, as SGD (load_state_dict does not)
+            self._fused_check = True if any(g["fused"] for g in self.param_groups) else None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # defaults, state, param_groups
@@ -211,8 +215,8 @@ class AccumOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         window = self._window
-        if getattr(self, "_need_device_dtype_check_for_fused", True) and not torch.compiler.is_compiling():
-            self._check_fused_request()
+        if self._fused_check and not torch.compiler.is_compiling():
+            self._fused_check = not check_fused_request(self.param_groups)
         # (Not while compiling: DCP calls the eager step, and the frame walk
         # and the state's size would only add guards to a compiled one.)
         if not torch.compiler.is_compiling() and not self.state and _checkpoint.is_dcp_state_init():
@@ -230,20 +234,6 @@ class AccumOptimizer(Optimizer):
         window.close()
         run_update(plan, self.state, grad_factor, grad_scale, found_inf, clip_coef)
         return loss
-
-    def _check_fused_request(self) -> None:
-        """What SGD(fused=True) refuses, refused alike (its error, on the first
-        param with a grad of a fused group, once): our kernels would run on
-        those params, but a loop that passes fused=True must fail here as it
-        fails with torch, not train where torch's cannot."""
-        for group in self.param_groups:
-            if not group["fused"]:
-                continue
-            p = next((p for p in group["params"] if p.grad is not None), None)
-            if p is not None:
-                _device_dtype_check_for_fused(p)
-                self._need_device_dtype_check_for_fused = False
-                return
 
     def _make_state_for_dcp(self) -> None:
         """DCP's state-making step (_checkpoint.is_dcp_state_init): what SGD's
