@@ -17,20 +17,12 @@ from torch import Tensor
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _scalar_type_names() -> dict[torch.dtype, str]:
-    # c10's ScalarType names (Float, BFloat16, ComplexFloat, ...), as the
-    # C++ messages print them: the legacy tensor type names carry them.
-    names = {}
-    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
-                  torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool):
-        try:
-            names[dtype] = torch.empty(0, dtype=dtype, device="meta").type().split(".")[-1][: -len("Tensor")]
-        except (RuntimeError, TypeError):
-            pass
-    return names
-
-
-_NAMES = _scalar_type_names()
+# c10's ScalarType names, as the C++ messages print dtypes.
+_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+    torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble", torch.int8: "Char", torch.uint8: "Byte",
+    torch.int16: "Short", torch.int32: "Int", torch.int64: "Long", torch.bool: "Bool",
+}
 
 
 def is_non_overlapping_and_dense(t: Tensor) -> bool:
